@@ -1,0 +1,386 @@
+"""Data preparation: nnU-Net's fingerprint, planner and preprocessor, run on the labelled cases only.
+
+The unlabelled images are preprocessed with the same plan into ``<preprocessed>/<dataset>/unlabeled/<data_id>/``,
+so no blank label files and no second dataset are ever needed. Label files of unlabelled cases (budget simulation)
+are never opened: every nnU-Net step below is handed an explicit list of labelled cases.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from nnfiltermatch.inventory import Case, DatasetInventory, build_inventory, sample_labeled_ids, write_labeled_list
+
+MANIFEST_NAME = "nnfiltermatch_prepare.json"
+LABELED_LIST_NAME = "nnfiltermatch_labeled_cases.txt"
+UNLABELED_DIRNAME = "unlabeled"
+CPU_SUFFIX = "_cpu"
+DEFAULT_PLANS = "nnUNetPlans"
+
+
+class PreparationError(RuntimeError):
+    """A preparation step cannot run; the message says what to fix."""
+
+
+def env_folder(name: str) -> Path:
+    """One of nnU-Net's folders, with a clear error when its environment variable is not set."""
+    value = os.environ.get(name)
+    if not value:
+        raise PreparationError(
+            f"environment variable {name} is not set. nnfiltermatch uses nnU-Net's folders: export nnUNet_raw, "
+            "nnUNet_preprocessed and nnUNet_results (see nnU-Net's documentation/setting_up_paths.md)."
+        )
+    return Path(value)
+
+
+def dataset_name_from_id(dataset: str | int) -> str:
+    """Resolve ``4`` / ``'004'`` / ``'Dataset004_Hippocampus'`` to the raw folder name, like nnU-Net does."""
+    text = str(dataset)
+    if text.startswith("Dataset"):
+        return text
+    try:
+        number = int(text)
+    except ValueError as exc:
+        raise PreparationError(
+            f"-d {text!r}: give a dataset ID (e.g. 4) or a name like Dataset004_Hippocampus"
+        ) from exc
+    prefix = f"Dataset{number:03d}_"
+    candidates: set[str] = set()
+    for env in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        folder = os.environ.get(env)
+        if folder and Path(folder).is_dir():
+            candidates.update(p.name for p in Path(folder).iterdir() if p.name.startswith(prefix) and p.is_dir())
+    if len(candidates) != 1:
+        where = ", ".join(f"{e}={os.environ.get(e)}" for e in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
+        found = f"found {sorted(candidates)}" if candidates else "found none"
+        raise PreparationError(
+            f"dataset ID {number}: expected exactly one folder {prefix}* ({found}; looked in {where})"
+        )
+    return candidates.pop()
+
+
+def preprocessed_root(dataset_name: str) -> Path:
+    return env_folder("nnUNet_preprocessed") / dataset_name
+
+
+def unlabeled_folder(dataset_name: str, data_identifier: str) -> Path:
+    """Where the unlabelled images of one plan configuration live, beside nnU-Net's own folder for the labelled."""
+    return preprocessed_root(dataset_name) / UNLABELED_DIRNAME / data_identifier
+
+
+@dataclass
+class PreparedDataset:
+    """What ``prepare`` wrote, read back by the trainer and the CLI."""
+
+    dataset_name: str
+    plans_name: str
+    labeled_ids: list[str]
+    unlabeled_ids: list[str]
+    configurations: list[str]
+
+    @property
+    def labeled_fraction(self) -> float:
+        total = len(self.labeled_ids) + len(self.unlabeled_ids)
+        return len(self.labeled_ids) / total if total else 1.0
+
+
+def load_prepared(dataset_name: str) -> PreparedDataset:
+    manifest_file = preprocessed_root(dataset_name) / MANIFEST_NAME
+    if not manifest_file.is_file():
+        raise PreparationError(
+            f"{manifest_file} not found: run `nnfiltermatch prepare -d {dataset_name}` before training."
+        )
+    manifest = json.loads(manifest_file.read_text())
+    return PreparedDataset(
+        dataset_name=dataset_name,
+        plans_name=manifest["plans_name"],
+        labeled_ids=manifest["labeled_ids"],
+        unlabeled_ids=manifest["unlabeled_ids"],
+        configurations=sorted(manifest.get("configurations", {})),
+    )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _inputs_digest(inventory: DatasetInventory, plans_name: str) -> str:
+    payload = json.dumps({"inputs": inventory.fingerprint_inputs(), "plans": plans_name}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _nnunet_case_dict(cases: Iterable[Case]) -> dict[str, dict[str, Any]]:
+    """The ``{case: {'images': [...], 'label': ...}}`` mapping nnU-Net's planning classes iterate over."""
+    return {c.case_id: {"images": [str(p) for p in c.image_files], "label": str(c.label_file)} for c in cases}
+
+
+def add_cpu_configuration(plans: dict, base: str) -> str | None:
+    """Add ``<base>_cpu``: same preprocessed data, one stage less, half the patch, features 8..64, batch 2.
+
+    Inherits from ``base`` so it reuses its preprocessed folder; trains about ten times faster on a CPU, which is
+    what tests, the demo and CPU benchmarks use.
+    """
+    configs = plans["configurations"]
+    if base not in configs or "architecture" not in configs[base]:
+        return None
+    src = configs[base]
+    arch = copy.deepcopy(src["architecture"])
+    kwargs = arch["arch_kwargs"]
+    n_stages = max(2, int(kwargs["n_stages"]) - 1)
+    strides = [list(s) if isinstance(s, (list, tuple)) else [s] * len(src["patch_size"]) for s in kwargs["strides"]]
+    strides = strides[:n_stages]
+    total_stride = np.prod(np.array(strides), axis=0)
+    patch = [max(int(t), int(p // 2 // t * t)) for p, t in zip(src["patch_size"], total_stride)]
+    kwargs["n_stages"] = n_stages
+    kwargs["strides"] = strides
+    kwargs["kernel_sizes"] = kwargs["kernel_sizes"][:n_stages]
+    kwargs["features_per_stage"] = [min(8 * 2**i, 64) for i in range(n_stages)]
+    for key in ("n_conv_per_stage", "n_blocks_per_stage"):
+        if key in kwargs:
+            kwargs[key] = kwargs[key][:n_stages]
+    if "n_conv_per_stage_decoder" in kwargs:
+        kwargs["n_conv_per_stage_decoder"] = kwargs["n_conv_per_stage_decoder"][: n_stages - 1]
+    name = base + CPU_SUFFIX
+    configs[name] = {"inherits_from": base, "patch_size": patch, "batch_size": 2, "architecture": arch}
+    return name
+
+
+def _run_parallel(fn: Callable[..., Any], jobs: list[tuple], num_processes: int, desc: str) -> None:
+    """Run ``fn(*job)`` for every job with a progress bar; in-process for one worker (cheaper than spawning)."""
+    if not jobs:
+        return
+    with tqdm(total=len(jobs), desc=desc, unit="case") as bar:
+        if num_processes <= 1:
+            for job in jobs:
+                fn(*job)
+                bar.update()
+            return
+        with ProcessPoolExecutor(max_workers=num_processes, mp_context=get_context("spawn")) as pool:
+            for future in [pool.submit(fn, *job) for job in jobs]:
+                future.result()
+                bar.update()
+
+
+def _preprocess_labeled_case(
+    out_truncated: str, case: Case, plans: dict, configuration: str, dataset_json: dict
+) -> None:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    preprocessor.run_case_save(
+        out_truncated,
+        [str(p) for p in case.image_files],
+        str(case.label_file),
+        plans_manager,
+        configuration_manager,
+        dataset_json,
+    )
+
+
+def _preprocess_unlabeled_case(
+    out_truncated: str, case: Case, plans: dict, configuration: str, dataset_json: dict
+) -> None:
+    import blosc2
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    data, _, properties = preprocessor.run_case(
+        [str(p) for p in case.image_files], None, plans_manager, configuration_manager, dataset_json
+    )
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    blocks, chunks = comp_blosc2_params(data.shape, tuple(configuration_manager.patch_size), data.itemsize)
+    blosc2.set_nthreads(1)
+    blosc2.asarray(
+        data,
+        urlpath=out_truncated + ".b2nd",
+        chunks=chunks,
+        blocks=blocks,
+        cparams={"codec": blosc2.Codec.LZ4HC, "clevel": 5, "nthreads": 1},
+    )
+    with open(out_truncated + ".pkl", "wb") as handle:
+        pickle.dump(properties, handle)
+
+
+def _fingerprint_and_plan(inventory: DatasetInventory, dataset_name: str, plans_name: str, num_processes: int) -> dict:
+    """nnU-Net's fingerprint extractor and planner, restricted to the labelled cases."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    labeled = _nnunet_case_dict(inventory.labeled)
+    out = preprocessed_root(dataset_name)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(inventory.raw_dir / "dataset.json", out / "dataset.json")
+
+    extractor = DatasetFingerprintExtractor(dataset_name, num_processes=max(1, num_processes))
+    # nnU-Net has no option to restrict the cases; its constructor lists all of imagesTr, so narrow it here.
+    extractor.dataset = labeled
+    extractor.run(overwrite_existing=True)
+
+    planner = ExperimentPlanner(dataset_name, plans_name=plans_name)
+    planner.dataset = labeled  # same reason: plan from the labelled cases only
+    planner.dataset_json["numTraining"] = len(labeled)
+    plans = planner.plan_experiment()
+    for base in ("3d_fullres", "2d"):
+        add_cpu_configuration(plans, base)
+    plans_file = out / f"{plans_name}.json"
+    _atomic_write_text(plans_file, json.dumps(plans, indent=2))
+    return plans
+
+
+def prepare(
+    dataset: str | int,
+    configurations: list[str],
+    labeled_list: Path | None = None,
+    labeled_fraction: float | None = None,
+    seed: int = 0,
+    plans_name: str = DEFAULT_PLANS,
+    num_processes: int = 2,
+    allow_no_unlabeled: bool = False,
+) -> PreparedDataset:
+    """Validate, plan and preprocess; a second call with the same inputs does no work."""
+    from nnfiltermatch.inventory import read_labeled_list
+
+    if labeled_list is not None and labeled_fraction is not None:
+        raise PreparationError("give either --labeled-list or --labeled-fraction, not both")
+    dataset_name = dataset_name_from_id(dataset)
+    raw_dir = env_folder("nnUNet_raw") / dataset_name
+    if not raw_dir.is_dir():
+        raise PreparationError(
+            f"{raw_dir} does not exist: put the raw dataset there (imagesTr, labelsTr, dataset.json)"
+        )
+    out = preprocessed_root(dataset_name)
+
+    labeled_ids: list[str] | None = None
+    if labeled_list is not None:
+        labeled_ids = read_labeled_list(Path(labeled_list))
+    elif labeled_fraction is not None:
+        labeled_ids = sample_labeled_ids(training_case_ids(raw_dir), labeled_fraction, seed)
+    inventory = build_inventory(raw_dir, labeled_ids, allow_empty_unlabeled=allow_no_unlabeled)
+    digest = _inputs_digest(inventory, plans_name)
+
+    manifest_file = out / MANIFEST_NAME
+    manifest: dict[str, Any] = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    if manifest.get("inputs_digest") != digest:
+        if manifest:
+            print(f"Inputs changed since the last prepare of {dataset_name} (labelled cases or files): re-planning.")
+            splits = out / "splits_final.json"
+            if splits.exists():
+                splits.unlink()  # the old split names cases that may no longer be labelled
+        start = time.time()
+        plans = _fingerprint_and_plan(inventory, dataset_name, plans_name, num_processes)
+        manifest = {
+            "inputs_digest": digest,
+            "plans_name": plans_name,
+            "labeled_ids": inventory.labeled_ids,
+            "unlabeled_ids": inventory.unlabeled_ids,
+            "labeled_list_source": str(labeled_list) if labeled_list else None,
+            "labeled_fraction": labeled_fraction,
+            "seed": seed,
+            "configurations": {},
+            "planning_seconds": round(time.time() - start, 2),
+        }
+        header = f"labelled cases of {dataset_name} used by nnfiltermatch prepare"
+        write_labeled_list(inventory.labeled_ids, out / LABELED_LIST_NAME, header=header)
+        _copy_gt_segmentations(inventory, out)
+    else:
+        plans = json.loads((out / f"{plans_name}.json").read_text())
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    dataset_json = json.loads((out / "dataset.json").read_text())
+    plans_manager = PlansManager(plans)
+    for configuration in configurations:
+        if configuration not in plans["configurations"]:
+            raise PreparationError(f"-c {configuration}: not in the plans ({', '.join(plans['configurations'])})")
+        data_identifier = plans_manager.get_configuration(configuration).data_identifier
+        done = {v["data_identifier"] for v in manifest["configurations"].values()}
+        if data_identifier in done and (out / data_identifier).is_dir():
+            print(f"{configuration}: {data_identifier} already preprocessed with these inputs, nothing to do.")
+            manifest["configurations"].setdefault(configuration, {"data_identifier": data_identifier, "seconds": 0.0})
+            continue
+        start = time.time()
+        _preprocess_configuration(inventory, dataset_name, plans, configuration, dataset_json, num_processes)
+        manifest["configurations"][configuration] = {
+            "data_identifier": data_identifier,
+            "seconds": round(time.time() - start, 2),
+        }
+        _atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
+    _atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
+    return load_prepared(dataset_name)
+
+
+def training_case_ids(raw_dir: Path) -> list[str]:
+    """Case IDs in imagesTr from file names alone (no file is opened), for sampling a labelled list."""
+    file_ending = json.loads((raw_dir / "dataset.json").read_text()).get("file_ending", ".nii.gz")
+    suffix = "_0000" + file_ending
+    ids = sorted(p.name[: -len(suffix)] for p in (raw_dir / "imagesTr").glob("*" + suffix))
+    if not ids:
+        raise PreparationError(f"{raw_dir / 'imagesTr'} has no *{suffix} files")
+    return ids
+
+
+def _copy_gt_segmentations(inventory: DatasetInventory, out: Path) -> None:
+    """nnU-Net's final validation reads labels from here; only labelled cases may appear."""
+    gt = out / "gt_segmentations"
+    if gt.exists():
+        shutil.rmtree(gt)
+    gt.mkdir(parents=True)
+    for case in inventory.labeled:
+        assert case.label_file is not None
+        shutil.copyfile(case.label_file, gt / (case.case_id + inventory.file_ending))
+
+
+def _preprocess_configuration(
+    inventory: DatasetInventory,
+    dataset_name: str,
+    plans: dict,
+    configuration: str,
+    dataset_json: dict,
+    num_processes: int,
+) -> None:
+    """Preprocess labelled and unlabelled cases into temporary folders, then rename: never half-written."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+    targets = [
+        (preprocessed_root(dataset_name) / data_identifier, inventory.labeled, _preprocess_labeled_case, "labelled"),
+        (
+            unlabeled_folder(dataset_name, data_identifier),
+            inventory.unlabeled,
+            _preprocess_unlabeled_case,
+            "unlabelled",
+        ),
+    ]
+    for final, cases, fn, what in targets:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial = final.with_name(final.name + ".partial")
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir()
+        jobs = [(str(partial / c.case_id), c, plans, configuration, dataset_json) for c in cases]
+        _run_parallel(fn, jobs, num_processes, f"{configuration}: preprocessing {what} cases")
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)

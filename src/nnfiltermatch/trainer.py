@@ -1,0 +1,432 @@
+"""The nnFilterMatch trainer: nnU-Net's ``nnUNetTrainer`` with a semi-supervised step and the entropy filter.
+
+Only the hooks that must change are overridden: ``initialize`` (teacher, unlabelled loss), ``get_dataloaders``
+(the unlabelled stream), ``train_step`` (weak view -> pseudo-labels -> strong view -> one forward pass),
+``on_train_epoch_start`` (the filter), epoch-end logging, and checkpoint save/load (pool, rounds, teacher).
+The three modes are thin subclasses, so each gets its own nnU-Net results folder, as nnU-Net's trainer variants do.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import nn
+from torch._dynamo import OptimizedModule
+from tqdm import tqdm
+
+from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, resolve_config
+from nnfiltermatch.pseudo_labels import ema_update, pseudo_labels_for_scales, ramp_weight
+from nnfiltermatch.uncertainty import reduce_case_score, select_cases_to_drop, voxel_entropy
+from nnfiltermatch.unlabeled import UnlabeledDataset, make_unlabeled_loader, shutdown_loader
+from nnfiltermatch.views import cutmix, cutout, sample_geometric_transform, strong_intensity
+
+STATE_KEY = "nnfiltermatch_state"
+SSL_LOG_KEYS = ("sup_losses", "unsup_losses", "confident_fraction", "unsup_weight", "pool_size")
+FILTER_DIRNAME = "filter_rounds"
+
+
+def _as_list(x: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+class SemiSupervisedLoss(nn.Module):
+    """nnU-Net's loss on the labelled rows plus a weighted, ignore-aware loss on the pseudo-labelled rows.
+
+    ``n_labeled`` is None outside semi-supervised steps (validation, warm-up): then it is nnU-Net's loss unchanged.
+    """
+
+    def __init__(self, supervised: nn.Module, unsupervised: nn.Module):
+        super().__init__()
+        self.supervised = supervised
+        self.unsupervised = unsupervised
+        self.n_labeled: int | None = None
+        self.weight = 0.0
+        self.last: dict[str, float] = {}
+
+    def forward(self, output: Any, target: Any) -> torch.Tensor:
+        if self.n_labeled is None:
+            loss = self.supervised(output, target)
+            self.last = {"sup": float(loss.detach()), "unsup": 0.0}
+            return loss
+        n = self.n_labeled
+        is_list = isinstance(output, (list, tuple))
+        out, tgt = _as_list(output), _as_list(target)
+        sup_args = ([o[:n] for o in out], [t[:n] for t in tgt])
+        unsup_args = ([o[n:] for o in out], [t[n:] for t in tgt])
+        if not is_list:
+            sup_args = (sup_args[0][0], sup_args[1][0])
+            unsup_args = (unsup_args[0][0], unsup_args[1][0])
+        sup = self.supervised(*sup_args)
+        unsup = self.unsupervised(*unsup_args)
+        self.last = {"sup": float(sup.detach()), "unsup": float(unsup.detach())}
+        return sup + self.weight * unsup
+
+
+class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming convention for trainers)
+    """Mode ``filtermatch``: pseudo-labels plus the entropy filter on the unlabelled pool."""
+
+    mode = "filtermatch"
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        raw = plans.pop(PLANS_KEY, None)
+        fm = TrainConfig.from_dict(raw) if raw else resolve_config({"mode": self.mode})
+        if fm.mode != self.mode:
+            raise ValueError(f"{type(self).__name__} runs mode {self.mode!r}, the configuration says {fm.mode!r}")
+        if fm.batch_size is not None:
+            plans["configurations"][configuration]["batch_size"] = fm.batch_size
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions:
+            raise ValueError(
+                "region-based datasets (regions in dataset.json labels) are not supported by nnfiltermatch"
+            )
+        self.fm = fm
+        self.num_epochs = fm.epochs
+        self.num_iterations_per_epoch = fm.iters_per_epoch
+        self.num_val_iterations_per_epoch = fm.val_iters_per_epoch
+        self.initial_lr = fm.lr
+        self.weight_decay = fm.weight_decay
+        self.save_every = fm.save_every
+        self.ignore_index = self.label_manager.num_segmentation_heads  # never a real class
+        self.pool: list[str] | None = None
+        self.filter_rounds: list[dict[str, Any]] = []
+        self.teacher: nn.Module | None = None
+        self.dataloader_unlabeled: Any = None
+        self._epoch_stats: list[dict[str, float]] = []
+        self._view_rng = torch.Generator()
+        for key in SSL_LOG_KEYS:
+            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
+
+    # ----- set-up -------------------------------------------------------------------------------------------
+    @property
+    def unlabeled_folder(self) -> Path:
+        return Path(self.preprocessed_dataset_folder_base) / "unlabeled" / self.configuration_manager.data_identifier
+
+    def plain_network(self) -> nn.Module:
+        """The network without DDP or torch.compile wrappers: what the teacher copies and the scorer runs."""
+        module = self.network.module if self.is_ddp else self.network
+        return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+    def initialize(self) -> None:
+        if self.was_initialized:
+            return
+        super().initialize()
+        unsupervised: nn.Module = DC_and_CE_loss(
+            {"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": self.is_ddp},
+            {},
+            weight_ce=1,
+            weight_dice=1,
+            ignore_label=self.ignore_index,
+            dice_class=MemoryEfficientSoftDiceLoss,
+        )
+        if self.enable_deep_supervision:
+            unsupervised = DeepSupervisionWrapper(unsupervised, self.loss.weight_factors)
+        self.loss = SemiSupervisedLoss(self.loss, unsupervised)
+        if self.fm.uses_unlabeled and self.fm.teacher == "ema":
+            self.teacher = copy.deepcopy(self.plain_network()).requires_grad_(False)
+
+    def get_dataloaders(self):
+        train, val = super().get_dataloaders()
+        if self.fm.uses_unlabeled:
+            if self.pool is None:
+                self.pool = UnlabeledDataset.get_identifiers(str(self.unlabeled_folder))
+            if not self.pool:
+                raise RuntimeError(
+                    f"no unlabelled cases in {self.unlabeled_folder}: mode {self.fm.mode} needs them. Add images to "
+                    "imagesUnlabeled/ (or use a labelled list) and rerun `nnfiltermatch prepare`, or train --mode "
+                    "supervised."
+                )
+            self.dataloader_unlabeled = self._build_unlabeled_loader()
+        return train, val
+
+    def _build_unlabeled_loader(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = (
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        )
+        transforms = self.get_training_transforms(
+            self.configuration_manager.patch_size,
+            rotation,
+            self._get_deep_supervision_scales(),
+            mirror_axes,
+            dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm,
+            is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels,
+            regions=None,
+            ignore_label=self.label_manager.ignore_label,
+        )
+        batch_size = max(1, round(self.fm.unlabeled_ratio * self.batch_size))
+        assert self.pool is not None
+        return make_unlabeled_loader(
+            self.unlabeled_folder,
+            self.pool,
+            batch_size,
+            initial_patch_size,
+            self.configuration_manager.patch_size,
+            self.label_manager,
+            transforms,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.local_rank == 0:
+            config = copy.deepcopy(self.fm)
+            config.extra = {
+                **config.extra,
+                "trainer": type(self).__name__,
+                "fold": self.fold,
+                "configuration": self.configuration_name,
+                "batch_size_used": self.batch_size,
+                "patch_size": list(self.configuration_manager.patch_size),
+                "unlabeled_pool_start": len(self.pool or []),
+            }
+            config.write(Path(self.output_folder) / CONFIG_FILENAME)
+
+    # ----- the semi-supervised step -------------------------------------------------------------------------
+    def semi_supervised_now(self) -> bool:
+        assert self.fm.warmup_epochs is not None
+        return self.fm.uses_unlabeled and self.current_epoch >= self.fm.warmup_epochs
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._epoch_stats = []
+        self._view_rng.manual_seed(self.fm.seed * 1_000_003 + self.current_epoch)
+        due = self.current_epoch in self.fm.filter_epochs
+        if due and not any(r["epoch"] == self.current_epoch for r in self.filter_rounds):
+            self.run_filter_round()
+            self.network.train()
+
+    def train_step(self, batch: dict) -> dict:
+        assert isinstance(self.loss, SemiSupervisedLoss)
+        if not self.semi_supervised_now():
+            self.loss.n_labeled = None
+            result = super().train_step(batch)
+            self._epoch_stats.append({"sup": self.loss.last["sup"], "unsup": 0.0, "conf": float("nan"), "w": 0.0})
+            return result
+
+        weak = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+        model = self.teacher if self.teacher is not None else self.plain_network()
+        with torch.no_grad():
+            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                weak_logits = _as_list(model(weak))
+            pseudo, confident = pseudo_labels_for_scales(weak_logits, self.fm.tau, self.ignore_index)
+            del weak_logits
+            flip = self.current_epoch >= self.fm.flip_from_epoch
+            transform = sample_geometric_transform([tuple(p.shape[-2:]) for p in pseudo], self._view_rng, flip)
+            strong = transform.apply(weak)
+            pseudo = [transform.apply(p) for p in pseudo]
+            if self.fm.strong_intensity:
+                strong = strong_intensity(strong, self._view_rng, p=self.fm.intensity_p)
+            if self.fm.cutout_p > 0 and float(torch.rand((), generator=self._view_rng)) < self.fm.cutout_p:
+                strong, pseudo = cutout(strong, pseudo, self._view_rng, self.ignore_index)
+            if self.fm.cutmix_p > 0 and float(torch.rand((), generator=self._view_rng)) < self.fm.cutmix_p:
+                strong, pseudo = cutmix(strong, pseudo, self._view_rng)
+
+        labeled_targets = [t.to(self.device, non_blocking=True) for t in _as_list(batch["target"])]
+        targets = [torch.cat([t, p.to(t.dtype)]) for t, p in zip(labeled_targets, pseudo)]
+        data = batch["data"].to(self.device, non_blocking=True)
+        weight = ramp_weight(
+            self.current_epoch, self.fm.warmup_epochs or 0, self.fm.rampup_epochs or 0, self.fm.lambda_u
+        )
+        self.loss.n_labeled, self.loss.weight = data.shape[0], weight
+        joint = {
+            "data": torch.cat([data, strong]),
+            "target": targets if isinstance(batch["target"], (list, tuple)) else targets[0],
+        }
+        try:
+            result = super().train_step(joint)
+        finally:
+            self.loss.n_labeled = None
+        if self.teacher is not None:
+            ema_update(self.teacher, self.plain_network(), self.fm.ema_decay)
+        self._epoch_stats.append(
+            {"sup": self.loss.last["sup"], "unsup": self.loss.last["unsup"], "conf": confident, "w": weight}
+        )
+        return result
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        stats = self._epoch_stats or [{"sup": float("nan"), "unsup": 0.0, "conf": float("nan"), "w": 0.0}]
+        log = self.logger.log
+        log("sup_losses", float(np.mean([s["sup"] for s in stats])), self.current_epoch)
+        log("unsup_losses", float(np.mean([s["unsup"] for s in stats])), self.current_epoch)
+        confs = [s["conf"] for s in stats if not np.isnan(s["conf"])]
+        log("confident_fraction", float(np.mean(confs)) if confs else float("nan"), self.current_epoch)
+        log("unsup_weight", float(stats[-1]["w"]), self.current_epoch)
+        log("pool_size", len(self.pool) if self.pool is not None else 0, self.current_epoch)
+        self.print_to_log_file(
+            f"sup_loss {self.logger.get_value('sup_losses', -1):.4f} unsup_loss "
+            f"{self.logger.get_value('unsup_losses', -1):.4f} (weight {stats[-1]['w']:.3f}) confident_fraction "
+            f"{self.logger.get_value('confident_fraction', -1):.3f} pool_size {self.logger.get_value('pool_size', -1)}"
+        )
+
+    def on_epoch_end(self) -> None:
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            from nnfiltermatch.reports import plot_ssl_progress
+
+            plot_ssl_progress(self.logger.local_logger.my_fantastic_logging, Path(self.output_folder))
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.dataloader_unlabeled is not None:
+            shutdown_loader(self.dataloader_unlabeled)
+            self.dataloader_unlabeled = None
+
+    # ----- the filter ---------------------------------------------------------------------------------------
+    def score_pool(self, case_ids: list[str]) -> dict[str, float]:
+        """Entropy score of every case by nnU-Net's sliding-window inference with the pseudo-labelling model."""
+        model = self.teacher if self.teacher is not None else self.plain_network()
+        decoder = model.decoder
+        previous_ds = decoder.deep_supervision
+        decoder.deep_supervision = False
+        predictor = nnUNetPredictor(
+            tile_step_size=self.fm.filter_tile_step,
+            use_gaussian=True,
+            use_mirroring=self.fm.filter_mirroring,
+            perform_everything_on_device=True,
+            device=self.device,
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
+        predictor.manual_initialization(
+            model,
+            self.plans_manager,
+            self.configuration_manager,
+            None,
+            self.dataset_json,
+            type(self).__name__,
+            self.inference_allowed_mirroring_axes,
+        )
+        dataset = UnlabeledDataset(str(self.unlabeled_folder), list(case_ids))
+        scores: dict[str, float] = {}
+        try:
+            for case_id in tqdm(
+                case_ids, desc=f"filter round (epoch {self.current_epoch})", unit="case", disable=self.local_rank != 0
+            ):
+                data = torch.from_numpy(np.ascontiguousarray(dataset.load_data(case_id)))
+                with torch.no_grad():
+                    logits = predictor.predict_sliding_window_return_logits(data)
+                    probs = torch.softmax(logits.float(), dim=0)
+                    scores[case_id] = reduce_case_score(
+                        voxel_entropy(probs, dim=0), self.fm.score, self.fm.topk_fraction
+                    )
+        finally:
+            decoder.deep_supervision = previous_ds
+        return scores
+
+    def run_filter_round(self) -> dict[str, Any]:
+        """Score the pool, drop the most confident fraction, rebuild the unlabelled loader, record the round."""
+        assert self.pool is not None
+        start = time.time()
+        before = list(self.pool)
+        scores = self.score_pool(before)
+        dropped = set(select_cases_to_drop(scores, self.fm.filter_drop))
+        self.pool = [c for c in before if c not in dropped]
+        seconds = time.time() - start
+        record = {
+            "epoch": self.current_epoch,
+            "score": self.fm.score,
+            "mirroring": self.fm.filter_mirroring,
+            "tile_step": self.fm.filter_tile_step,
+            "pool_before": len(before),
+            "pool_after": len(self.pool),
+            "seconds": round(seconds, 3),
+            "cases": [{"case": c, "score": scores[c], "kept": c not in dropped} for c in sorted(before)],
+        }
+        self.filter_rounds.append(record)
+        if self.local_rank == 0:
+            folder = Path(self.output_folder) / FILTER_DIRNAME
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"epoch_{self.current_epoch:04d}.json"
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_text(json.dumps(record, indent=2))
+            tmp.replace(target)
+        self.print_to_log_file(
+            f"Filter round at epoch {self.current_epoch}: scored {len(before)} cases in {seconds:.1f} s, dropped "
+            f"{len(dropped)} ({', '.join(sorted(dropped))}), pool now {len(self.pool)}"
+        )
+        if self.dataloader_unlabeled is not None:
+            shutdown_loader(self.dataloader_unlabeled)
+            self.dataloader_unlabeled = self._build_unlabeled_loader()
+        return record
+
+    # ----- checkpoints --------------------------------------------------------------------------------------
+    def state_for_checkpoint(self) -> dict[str, Any]:
+        return {
+            "config": self.fm.to_dict(),
+            "mode": self.mode,
+            "trainer_class": f"{type(self).__module__}.{type(self).__name__}",
+            "pool": list(self.pool) if self.pool is not None else None,
+            "filter_rounds": copy.deepcopy(self.filter_rounds),
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+        }
+
+    def save_checkpoint(self, filename: str) -> None:
+        # nnU-Net's save_checkpoint has no hook for extra state; its 'init_args' entry is saved and restored
+        # verbatim, so our state rides there. Written under a temporary name, then renamed: a kill never leaves
+        # a truncated checkpoint behind.
+        self.my_init_kwargs[STATE_KEY] = self.state_for_checkpoint()
+        partial = filename + ".partial"
+        try:
+            super().save_checkpoint(partial)
+        finally:
+            self.my_init_kwargs.pop(STATE_KEY, None)
+        if os.path.isfile(partial):
+            os.replace(partial, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        state = self.my_init_kwargs.pop(STATE_KEY, None)
+        if state is None:
+            raise RuntimeError(
+                f"{filename_or_checkpoint} was not written by nnfiltermatch (no pool or filter state in it): "
+                "cannot continue it as a semi-supervised run. Start a new run in another results folder."
+            )
+        if state["mode"] != self.mode:
+            raise RuntimeError(f"checkpoint is from mode {state['mode']!r}, this trainer runs {self.mode!r}")
+        self.pool = state["pool"]
+        self.filter_rounds = state["filter_rounds"]
+        if self.teacher is not None and state["teacher"] is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        for key in SSL_LOG_KEYS:
+            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
+
+
+class nnFilterMatchTrainer_ssl(nnFilterMatchTrainer):  # noqa: N801
+    """Mode ``ssl``: pseudo-labels on the whole unlabelled pool, no filter (the paper's middle ablation row)."""
+
+    mode = "ssl"
+
+
+class nnFilterMatchTrainer_supervised(nnFilterMatchTrainer):  # noqa: N801
+    """Mode ``supervised``: labelled cases only, the same code path with the unlabelled half switched off."""
+
+    mode = "supervised"
+
+
+TRAINERS: dict[str, type[nnFilterMatchTrainer]] = {
+    "filtermatch": nnFilterMatchTrainer,
+    "ssl": nnFilterMatchTrainer_ssl,
+    "supervised": nnFilterMatchTrainer_supervised,
+}

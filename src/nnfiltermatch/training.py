@@ -1,0 +1,137 @@
+"""Running a training: resolve folders, guard earlier results, seed, build the trainer class, resume, validate."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnfiltermatch.config import TrainConfig
+from nnfiltermatch.preparation import PreparationError, env_folder, load_prepared, preprocessed_root
+
+
+@dataclass
+class TrainResult:
+    output_folder: Path
+    final_checkpoint: Path
+
+
+def configure_runtime(device: str) -> torch.device:
+    """CPU-friendly nnU-Net defaults (no compile, few workers) unless the user set them; returns the device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PreparationError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    if device == "cpu":
+        cores = os.cpu_count() or 1
+        os.environ.setdefault("nnUNet_compile", "false")
+        os.environ.setdefault("nnUNet_n_proc_DA", str(min(2, cores)))
+        os.environ.setdefault("nnUNet_def_n_proc", "1")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def parse_fold(fold: str) -> int | str:
+    if fold == "all":
+        return "all"
+    try:
+        return int(fold)
+    except ValueError as exc:
+        raise PreparationError(f"-f {fold!r}: give a fold number (0-4) or 'all'") from exc
+
+
+def output_folder_for(
+    dataset_name: str, trainer_name: str, plans_name: str, configuration: str, fold: int | str
+) -> Path:
+    """nnU-Net's results layout: <results>/<dataset>/<Trainer>__<Plans>__<config>/fold_<f>."""
+    return (
+        env_folder("nnUNet_results") / dataset_name / f"{trainer_name}__{plans_name}__{configuration}" / f"fold_{fold}"
+    )
+
+
+def train(
+    dataset_name: str,
+    configuration: str,
+    fold: int | str,
+    config: TrainConfig,
+    device: str,
+    continue_training: bool = False,
+    overwrite: bool = False,
+    final_validation: bool = True,
+) -> TrainResult:
+    """Train one fold of one mode; refuses to clobber a finished or running model unless told to."""
+    from nnfiltermatch.trainer import TRAINERS
+
+    torch_device = configure_runtime(device)
+    prepared = load_prepared(dataset_name)
+    if configuration not in prepared.configurations:
+        plans = json.loads((preprocessed_root(dataset_name) / f"{prepared.plans_name}.json").read_text())
+        if configuration not in plans["configurations"]:
+            raise PreparationError(f"-c {configuration}: not in the plans ({', '.join(plans['configurations'])})")
+        inherits = plans["configurations"][configuration].get("inherits_from")
+        if inherits not in prepared.configurations:
+            raise PreparationError(
+                f"-c {configuration} is not preprocessed: run `nnfiltermatch prepare -d {dataset_name} -c "
+                f"{configuration}` first"
+            )
+    if config.uses_unlabeled and not prepared.unlabeled_ids:
+        raise PreparationError(
+            f"mode {config.mode} needs unlabelled images but {dataset_name} was prepared without any: add images to "
+            "imagesUnlabeled/ or prepare with a labelled list, or use --mode supervised"
+        )
+    if config.labeled_fraction is None:
+        config.labeled_fraction = prepared.labeled_fraction
+    trainer_class = TRAINERS[config.mode]
+    out = output_folder_for(dataset_name, trainer_class.__name__, prepared.plans_name, configuration, fold)
+    existing = [name for name in ("checkpoint_final.pth", "checkpoint_latest.pth") if (out / name).exists()]
+    if existing and not (continue_training or overwrite):
+        raise PreparationError(
+            f"{out} already holds {', '.join(existing)}: pass --continue to resume it or --overwrite to start again"
+        )
+    if overwrite and not continue_training and out.exists():
+        for child in out.iterdir():
+            if child.is_file() and (
+                child.suffix in (".pth", ".png", ".json", ".txt") or child.name.endswith(".partial")
+            ):
+                child.unlink()
+        filter_dir = out / "filter_rounds"
+        if filter_dir.is_dir():
+            for child in filter_dir.iterdir():
+                child.unlink()
+
+    seed_everything(config.seed)
+    plans = json.loads((preprocessed_root(dataset_name) / f"{prepared.plans_name}.json").read_text())
+    dataset_json = json.loads((preprocessed_root(dataset_name) / "dataset.json").read_text())
+    from nnfiltermatch.config import PLANS_KEY
+
+    plans[PLANS_KEY] = config.to_dict()
+    plans["continue_training"] = continue_training
+    trainer = trainer_class(
+        plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=torch_device
+    )
+    if continue_training:
+        checkpoint = next(
+            (
+                out / n
+                for n in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+                if (out / n).is_file()
+            ),
+            None,
+        )
+        if checkpoint is None:
+            print(f"--continue: no checkpoint in {out}, starting a new training")
+        else:
+            print(f"--continue: resuming from {checkpoint}")
+            trainer.load_checkpoint(str(checkpoint))
+    trainer.run_training()
+    if final_validation:
+        trainer.perform_actual_validation(save_probabilities=False)
+    return TrainResult(output_folder=out, final_checkpoint=out / "checkpoint_final.pth")

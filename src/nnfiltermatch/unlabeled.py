@@ -1,0 +1,101 @@
+"""The unlabelled data stream: preprocessed images without labels, fed through nnU-Net's own loader and augmentation.
+
+nnU-Net's ``nnUNetDataLoader`` crops, pads and augments a (data, seg) pair. Unlabelled cases have no segmentation, so
+this dataset hands it a zero-cost all-zero view instead; with foreground oversampling off the loader never looks at
+class locations. What comes out of the augmentation is the weak view.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import blosc2
+import numpy as np
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+
+class UnlabeledDataset(nnUNetBaseDataset):
+    """Images of the unlabelled pool, stored as ``<case>.b2nd`` + ``<case>.pkl`` by ``prepare``."""
+
+    def __init__(
+        self, folder: str, identifiers: list[str] | None = None, folder_with_segs_from_previous_stage: str | None = None
+    ):
+        super().__init__(folder, identifiers, folder_with_segs_from_previous_stage)
+        blosc2.set_nthreads(1)
+
+    def load_data(self, identifier: str) -> np.ndarray:
+        return blosc2.open(urlpath=str(Path(self.source_folder) / f"{identifier}.b2nd"), mode="r")[...]
+
+    def load_properties(self, identifier: str) -> dict[str, Any]:
+        with open(Path(self.source_folder) / f"{identifier}.pkl", "rb") as handle:
+            return pickle.load(handle)
+
+    def load_case(self, identifier: str):
+        data = blosc2.open(
+            urlpath=str(Path(self.source_folder) / f"{identifier}.b2nd"), mode="r", dparams={"nthreads": 1}
+        )
+        # A broadcast view costs no memory; the loader only crops it.
+        seg = np.broadcast_to(np.zeros((1,) * len(data.shape), dtype=np.int16), (1, *data.shape[1:]))
+        properties = self.load_properties(identifier)
+        properties.setdefault("class_locations", None)
+        return data, seg, None, properties
+
+    @staticmethod
+    def save_case(data: np.ndarray, seg: np.ndarray, properties: dict, output_filename_truncated: str) -> None:
+        raise NotImplementedError("unlabelled cases are written by nnfiltermatch.preparation")
+
+    @staticmethod
+    def get_identifiers(folder: str) -> list[str]:
+        return sorted(p.name[: -len(".b2nd")] for p in Path(folder).glob("*.b2nd"))
+
+
+def make_unlabeled_loader(
+    folder: Path,
+    identifiers: list[str],
+    batch_size: int,
+    initial_patch_size: Any,
+    patch_size: Any,
+    label_manager: Any,
+    transforms: Any,
+    pin_memory: bool,
+) -> NonDetMultiThreadedAugmenter | SingleThreadedAugmenter:
+    """A fresh loader over exactly ``identifiers``: rebuilt after each filter round so its workers see the new pool."""
+    if not identifiers:
+        raise ValueError("the unlabelled pool is empty")
+    dataset = UnlabeledDataset(str(folder), sorted(identifiers))
+    loader = nnUNetDataLoader(
+        dataset,
+        batch_size,
+        initial_patch_size,
+        patch_size,
+        label_manager,
+        oversample_foreground_percent=0.0,
+        sampling_probabilities=None,
+        pad_sides=None,
+        transforms=transforms,
+    )
+    processes = get_allowed_n_proc_DA()
+    if processes == 0:
+        return SingleThreadedAugmenter(loader, None)
+    return NonDetMultiThreadedAugmenter(
+        data_loader=loader,
+        transform=None,
+        num_processes=processes,
+        num_cached=max(6, processes // 2),
+        seeds=None,
+        pin_memory=pin_memory,
+        wait_time=0.002,
+    )
+
+
+def shutdown_loader(loader: Any) -> None:
+    """Stop a multi-process augmenter's workers (single-threaded ones have none)."""
+    finish = getattr(loader, "_finish", None)
+    if callable(finish):
+        finish()

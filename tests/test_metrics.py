@@ -1,0 +1,483 @@
+"""Tests for nnfiltermatch.metrics: empty-mask conventions, agreement with medpy on real labels, folder evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter, generate_binary_structure
+
+from nnfiltermatch.metrics import (
+    CSV_COLUMNS,
+    METRICS,
+    CaseRow,
+    EvaluationError,
+    EvaluationResult,
+    asd,
+    assd,
+    binary_metrics,
+    case_metrics,
+    dice,
+    distance_metrics,
+    evaluate_folders,
+    hd95,
+    jaccard,
+    surface_distances,
+)
+
+sitk = pytest.importorskip("SimpleITK")
+
+
+def _shared_data() -> Path | None:
+    """The repo's sibling ``shared/data``, else ``$NNFM_SHARED_DATA``; None when neither exists."""
+    sibling = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if sibling.is_dir():
+        return sibling
+    env = os.environ.get("NNFM_SHARED_DATA")
+    if env and Path(env).is_dir():
+        return Path(env)
+    return None
+
+
+SHARED_DATA = _shared_data()
+HIPPO_LABELS = SHARED_DATA / "hippocampus" / "labelsTr" if SHARED_DATA else None
+
+
+@pytest.fixture(scope="module")
+def hippo_files() -> list[Path]:
+    """Five real hippocampus label maps (labels 1 anterior, 2 posterior); skips where the data is absent."""
+    if HIPPO_LABELS is None or not HIPPO_LABELS.is_dir():
+        pytest.skip(
+            "real hippocampus labels not found: expected ../shared/data/hippocampus/labelsTr next to the repo "
+            "or NNFM_SHARED_DATA pointing at a shared/data folder"
+        )
+    files = sorted(HIPPO_LABELS.glob("hippocampus_*.nii.gz"))[:5]
+    assert len(files) == 5
+    return files
+
+
+def _read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _shift(mask: np.ndarray, offset: int, axis: int) -> np.ndarray:
+    """Shift with zero fill (np.roll would wrap objects around the border)."""
+    out = np.zeros_like(mask)
+    src = [slice(None)] * mask.ndim
+    dst = [slice(None)] * mask.ndim
+    if offset >= 0:
+        src[axis], dst[axis] = slice(0, mask.shape[axis] - offset), slice(offset, None)
+    else:
+        src[axis], dst[axis] = slice(-offset, None), slice(0, mask.shape[axis] + offset)
+    out[tuple(dst)] = mask[tuple(src)]
+    return out
+
+
+def _perturbations(ndim: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    cross = generate_binary_structure(ndim, 1)
+    return {
+        "erosion": lambda m: binary_erosion(m, cross),
+        "dilation": lambda m: binary_dilation(m, cross, iterations=2),
+        "shift": lambda m: _shift(m, 2, axis=ndim - 1),
+        "shift_dilate": lambda m: _shift(binary_dilation(m, cross), -1, axis=0),
+    }
+
+
+def _assert_matches_medpy(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...] | None) -> None:
+    medpy = pytest.importorskip("medpy.metric.binary", reason="medpy (dev extra) is needed for the cross-check")
+    ours = binary_metrics(pred, ref, spacing)
+    expected = {
+        "dice": medpy.dc(pred, ref),
+        "jaccard": medpy.jc(pred, ref),
+        "hd95": medpy.hd95(pred, ref, voxelspacing=spacing),
+        "asd": medpy.asd(pred, ref, voxelspacing=spacing),
+        "assd": medpy.assd(pred, ref, voxelspacing=spacing),
+    }
+    for name, value in expected.items():
+        tol = 1e-6 if name in ("dice", "jaccard") else 1e-3
+        assert ours[name] == pytest.approx(value, abs=tol), (name, spacing)
+    # The standalone functions agree with the combined one.
+    assert dice(pred, ref) == ours["dice"] and jaccard(pred, ref) == ours["jaccard"]
+    assert hd95(pred, ref, spacing) == ours["hd95"]
+    assert asd(pred, ref, spacing) == ours["asd"]
+    assert assd(pred, ref, spacing) == ours["assd"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Conventions
+# ----------------------------------------------------------------------------------------------
+
+
+def test_both_empty_is_perfect() -> None:
+    empty = np.zeros((8, 9, 10), dtype=bool)
+    m = binary_metrics(empty, empty, (1.0, 0.5, 2.0))
+    assert m == {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0, "assd": 0.0, "n_ref": 0, "n_pred": 0}
+
+
+@pytest.mark.parametrize("empty_side", ["pred", "ref"])
+def test_one_empty_gives_zero_overlap_and_nan_distances(empty_side: str) -> None:
+    obj = np.zeros((8, 9, 10), dtype=bool)
+    obj[2:5, 3:6, 4:7] = True
+    empty = np.zeros_like(obj)
+    pred, ref = (empty, obj) if empty_side == "pred" else (obj, empty)
+    m = binary_metrics(pred, ref)
+    assert m["dice"] == 0.0 and m["jaccard"] == 0.0
+    for name in ("hd95", "asd", "assd"):
+        assert math.isnan(m[name]), name
+    assert (m["n_pred"], m["n_ref"]) == ((0, 27) if empty_side == "pred" else (27, 0))
+    with pytest.raises(ValueError, match="empty"):
+        surface_distances(pred, ref)
+
+
+def test_identical_masks() -> None:
+    obj = np.zeros((12, 12, 12), dtype=bool)
+    obj[3:9, 2:10, 4:8] = True
+    m = binary_metrics(obj, obj.copy(), (0.7, 1.0, 3.0))
+    assert m["dice"] == 1.0 and m["jaccard"] == 1.0
+    assert m["hd95"] == 0.0 and m["asd"] == 0.0 and m["assd"] == 0.0
+
+
+def test_asd_is_directed_pred_to_ref() -> None:
+    # A single voxel inside a big cube: pred->ref is short, ref->pred long, so asd must differ from asd(ref, pred).
+    ref = np.zeros((15, 15, 15), dtype=bool)
+    ref[2:13, 2:13, 2:13] = True
+    pred = np.zeros_like(ref)
+    pred[7, 7, 2] = True  # on the reference's surface
+    assert asd(pred, ref) == 0.0
+    assert asd(ref, pred) > 3.0
+    assert assd(pred, ref) == pytest.approx(assd(ref, pred))
+
+
+def test_invalid_inputs() -> None:
+    a = np.zeros((4, 4), dtype=bool)
+    with pytest.raises(ValueError, match="shape"):
+        dice(a, np.zeros((4, 5), dtype=bool))
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(a, a, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="positive"):
+        distance_metrics(a, a, (1.0, 0.0))
+
+
+def test_case_metrics_labels_and_counts() -> None:
+    ref = np.zeros((10, 10, 10), dtype=np.uint8)
+    ref[1:4, 1:4, 1:4] = 1
+    ref[6:9, 6:9, 6:9] = 2
+    pred = ref.copy()
+    pred[pred == 2] = 0  # label 2 missed entirely
+    out = case_metrics(pred, ref, labels=[1, 2, 3], spacing=(1.0, 1.0, 1.0))
+    assert set(out) == {1, 2, 3}
+    assert set(out[1]) == {*METRICS, "n_ref", "n_pred"}
+    assert out[1]["dice"] == 1.0 and out[1]["hd95"] == 0.0 and out[1]["n_ref"] == 27 == out[1]["n_pred"]
+    assert out[2]["dice"] == 0.0 and math.isnan(out[2]["hd95"]) and out[2]["n_ref"] == 27 and out[2]["n_pred"] == 0
+    assert out[3]["dice"] == 1.0 and out[3]["assd"] == 0.0  # absent from both
+    with pytest.raises(ValueError, match="shape"):
+        case_metrics(pred[:-1], ref, [1])
+
+
+def test_undefined_distances_are_skipped_not_averaged_as_zero() -> None:
+    rows = [
+        CaseRow("a", 1, 0.8, 0.6, 2.0, 1.0, 1.5, 10, 12),
+        CaseRow("b", 1, 0.0, 0.0, math.nan, math.nan, math.nan, 10, 0),
+        CaseRow("a", 2, 0.6, 0.4, 4.0, 3.0, 3.5, 10, 9),
+        CaseRow("b", 2, 0.8, 0.6, 6.0, 5.0, 5.5, 10, 11),
+    ]
+    res = EvaluationResult.from_rows(rows, [1, 2], "voxel")
+    assert res.per_class_mean[1]["hd95"] == 2.0  # not (2 + 0) / 2
+    assert res.per_class_std[1]["hd95"] == 0.0
+    assert res.per_class_mean[1]["dice"] == pytest.approx(0.4)  # Dice 0 does count
+    assert res.n_undefined == {1: 1, 2: 0}
+    assert res.per_class_mean[2]["asd"] == 4.0 and res.per_class_std[2]["asd"] == 1.0
+    assert res.mean_over_classes["hd95"] == pytest.approx((2.0 + 5.0) / 2)
+    assert res.n_cases == 2
+    table = res.format_table()
+    assert "1/2" in table and "±" in table and "mean" in table
+
+
+def test_all_undefined_class_gives_nan_mean_without_warning(recwarn: pytest.WarningsRecorder) -> None:
+    rows = [CaseRow("a", 1, 0.0, 0.0, math.nan, math.nan, math.nan, 5, 0)]
+    res = EvaluationResult.from_rows(rows, [1], "mm")
+    assert math.isnan(res.per_class_mean[1]["hd95"]) and res.n_undefined[1] == 1
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert "n/a" in res.format_table()
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement with medpy
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spacing", [None, (1.0, 0.7, 2.5)])
+def test_matches_medpy_on_synthetic_blobs_touching_the_border(spacing: tuple[float, ...] | None) -> None:
+    # Smoothed noise gives several components, holes and objects cut by the array border (cropping must not
+    # change the erosion there).
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        pred = gaussian_filter(rng.random((24, 20, 16)), 2) > 0.52
+        ref = gaussian_filter(rng.random((24, 20, 16)), 2) > 0.52
+        assert pred.any() and ref.any() and pred[0].any()
+        _assert_matches_medpy(pred, ref, spacing)
+
+
+@pytest.mark.parametrize("spacing", [None, (0.7, 1.3)])
+def test_matches_medpy_2d_synthetic(spacing: tuple[float, ...] | None) -> None:
+    yy, xx = np.mgrid[:60, :50]
+    ref = (yy - 30) ** 2 + (xx - 25) ** 2 < 15**2
+    pred = ((yy - 27) / 1.2) ** 2 + (xx - 28) ** 2 < 13**2
+    pred[5:8, 40:49] = True  # a false-positive island
+    _assert_matches_medpy(pred, ref, spacing)
+
+
+@pytest.mark.parametrize("spacing", [None, (1.0, 0.7, 2.5)])
+def test_matches_medpy_on_real_hippocampus(hippo_files: list[Path], spacing: tuple[float, ...] | None) -> None:
+    checked = 0
+    for path in hippo_files:
+        labelmap = _read(path)
+        for label in (1, 2):
+            ref = labelmap == label
+            for name, perturb in _perturbations(3).items():
+                pred = perturb(ref)
+                assert pred.any(), (path.name, label, name)
+                _assert_matches_medpy(pred, ref, spacing)
+                checked += 1
+    assert checked == 5 * 2 * 4
+
+
+@pytest.mark.parametrize("spacing", [None, (0.7, 1.3)])
+def test_matches_medpy_on_real_2d_slices(hippo_files: list[Path], spacing: tuple[float, ...] | None) -> None:
+    for path in hippo_files[:3]:
+        labelmap = _read(path)
+        z = int(np.argmax((labelmap > 0).sum(axis=(1, 2))))  # the slice with most foreground
+        for label in (1, 2):
+            ref = labelmap[z] == label
+            if not ref.any():
+                continue
+            for perturb in _perturbations(2).values():
+                pred = perturb(ref)
+                if pred.any():
+                    _assert_matches_medpy(pred, ref, spacing)
+
+
+def test_speed_large_volume_modest_object() -> None:
+    zz, yy, xx = np.ogrid[:200, :200, :100]
+    ref = (zz - 100) ** 2 + (yy - 90) ** 2 + (xx - 50) ** 2 < 20**2
+    pred = (zz - 103) ** 2 + ((yy - 92) / 1.1) ** 2 + (xx - 48) ** 2 < 19**2
+    labelmap_ref = ref.astype(np.uint8)
+    labelmap_pred = pred.astype(np.uint8)
+    case_metrics(labelmap_pred[:20], labelmap_ref[:20], [1])  # warm-up (imports, allocator)
+    start = time.perf_counter()
+    out = case_metrics(labelmap_pred, labelmap_ref, [1], spacing=(1.0, 0.8, 2.0))
+    elapsed = time.perf_counter() - start
+    assert elapsed < 1.0, f"case_metrics took {elapsed:.2f} s on a 200x200x100 volume"
+    assert 0.7 < out[1]["dice"] < 1.0 and 0.0 < out[1]["asd"] < out[1]["hd95"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def _write_like(array: np.ndarray, reference: sitk.Image, path: Path) -> None:
+    img = sitk.GetImageFromArray(array.astype(np.uint8))
+    img.CopyInformation(reference)
+    sitk.WriteImage(img, str(path))
+
+
+def _make_folders(hippo_files: list[Path], root: Path, n: int = 4) -> tuple[Path, Path, list[str]]:
+    """References = real labels copied as is; predictions = per-class perturbations on the same grid."""
+    ref_dir, pred_dir = root / "ref", root / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    cross = generate_binary_structure(3, 1)
+    ids = []
+    for i, path in enumerate(hippo_files[:n]):
+        shutil.copy(path, ref_dir / path.name)
+        ref_img = sitk.ReadImage(str(path))
+        ref = sitk.GetArrayFromImage(ref_img)
+        pred = np.zeros(ref.shape, dtype=np.uint8)
+        pred[binary_dilation(ref == 1, cross)] = 1
+        pred[_shift(ref == 2, 1, axis=i % 3)] = 2
+        _write_like(pred, ref_img, pred_dir / path.name)
+        ids.append(path.name[: -len(".nii.gz")])
+    return ref_dir, pred_dir, ids
+
+
+def test_evaluate_folders_end_to_end(hippo_files: list[Path], tmp_path: Path) -> None:
+    ref_dir, pred_dir, ids = _make_folders(hippo_files, tmp_path)
+    # Case 0 loses class 2 entirely: undefined distances for that class.
+    ref0 = sitk.ReadImage(str(ref_dir / f"{ids[0]}.nii.gz"))
+    pred0 = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / f"{ids[0]}.nii.gz")))
+    pred0[pred0 == 2] = 0
+    _write_like(pred0, ref0, pred_dir / f"{ids[0]}.nii.gz")
+    # A prediction without a reference and an unrelated file are ignored.
+    shutil.copy(pred_dir / f"{ids[1]}.nii.gz", pred_dir / "extra_case.nii.gz")
+    (pred_dir / "plans.json").write_text("{}")
+
+    res = evaluate_folders(ref_dir, pred_dir, progress=False)
+    assert res.labels == [1, 2] and res.units == "voxel" and res.n_cases == len(ids)
+    assert res.unmatched_predictions == ["extra_case"] and res.missing == []
+    assert len(res.rows) == len(ids) * 2
+    assert res.n_undefined == {1: 0, 2: 1}
+
+    # Rows equal a direct computation on the arrays.
+    for case in ids:
+        direct = case_metrics(
+            _read(pred_dir / f"{case}.nii.gz"), _read(ref_dir / f"{case}.nii.gz"), [1, 2], spacing=None
+        )
+        for row in (r for r in res.rows if r.case == case):
+            for m in METRICS:
+                np.testing.assert_equal(getattr(row, m), direct[row.label][m])
+    hd_class2 = [r.hd95 for r in res.rows if r.label == 2 and not math.isnan(r.hd95)]
+    assert res.per_class_mean[2]["hd95"] == pytest.approx(np.mean(hd_class2))
+
+    json_path = res.to_json(tmp_path / "out" / "summary.json")
+    data = json.loads(json_path.read_text())
+    assert data["units"] == "voxel" and data["labels"] == [1, 2] and data["n_cases"] == len(ids)
+    assert data["per_class"]["2"]["n_undefined"] == 1
+    assert data["per_class"]["1"]["mean"]["dice"] == pytest.approx(res.per_class_mean[1]["dice"])
+    assert data["mean_over_classes"]["assd"] == pytest.approx(res.mean_over_classes["assd"])
+    assert data["unmatched_predictions"] == ["extra_case"]
+    row0 = next(r for r in data["cases"] if r["case"] == ids[0] and r["label"] == 2)
+    assert row0["hd95"] is None and row0["asd"] is None and row0["dice"] == 0.0 and row0["n_pred"] == 0
+    assert "NaN" not in json_path.read_text()
+    assert not [p for p in json_path.parent.iterdir() if p.name != "summary.json"]  # no temp file left
+
+    csv_path = res.to_csv(tmp_path / "out" / "summary.csv")
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "case,label,dice,jaccard,hd95,asd,assd"
+    assert tuple(lines[0].split(",")) == CSV_COLUMNS
+    with csv_path.open() as handle:
+        records = list(csv.DictReader(handle))
+    assert len(records) == len(ids) * 2
+    assert [(r["case"], int(r["label"])) for r in records] == [(r.case, r.label) for r in res.rows]
+    first = next(r for r in res.rows if r.case == ids[1] and r.label == 1)
+    rec = next(r for r in records if r["case"] == ids[1] and r["label"] == "1")
+    assert float(rec["dice"]) == first.dice and float(rec["hd95"]) == first.hd95
+    assert math.isnan(float(next(r for r in records if r["case"] == ids[0] and r["label"] == "2")["asd"]))
+
+    table = res.format_table()
+    assert "voxels" in table and "extra_case" in table and "1/4" in table
+
+
+def test_evaluate_folders_mm_units_use_header_spacing(hippo_files: list[Path], tmp_path: Path) -> None:
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    sitk_spacing = (2.0, 1.0, 0.5)  # x, y, z as SimpleITK stores it
+    arrays = {}
+    for path in hippo_files[:2]:
+        ref = _read(path).astype(np.uint8)
+        pred = ref.copy()
+        pred[_shift(ref == 1, 1, axis=0)] = 1  # grows label 1 along numpy axis 0 (z)
+        img = sitk.GetImageFromArray(ref)
+        img.SetSpacing(sitk_spacing)
+        sitk.WriteImage(img, str(ref_dir / path.name))
+        _write_like(pred, img, pred_dir / path.name)
+        arrays[path.name[: -len(".nii.gz")]] = (pred, ref)
+
+    res_mm = evaluate_folders(ref_dir, pred_dir, labels=[1, 2], units="mm", progress=False)
+    res_vox = evaluate_folders(ref_dir, pred_dir, labels=[1, 2], units="voxel", progress=False)
+    numpy_spacing = tuple(reversed(sitk_spacing))  # (z, y, x) = (0.5, 1.0, 2.0)
+    for case, (pred, ref) in arrays.items():
+        mm = case_metrics(pred, ref, [1], numpy_spacing)[1]
+        vox = case_metrics(pred, ref, [1], None)[1]
+        wrong_order = case_metrics(pred, ref, [1], sitk_spacing)[1]
+        row_mm = next(r for r in res_mm.rows if r.case == case and r.label == 1)
+        row_vox = next(r for r in res_vox.rows if r.case == case and r.label == 1)
+        assert row_mm.asd == pytest.approx(mm["asd"]) and row_mm.hd95 == pytest.approx(mm["hd95"])
+        assert row_vox.asd == pytest.approx(vox["asd"]) and row_vox.assd == pytest.approx(vox["assd"])
+        assert row_mm.asd != pytest.approx(row_vox.asd)
+        assert row_mm.assd != pytest.approx(wrong_order["assd"])
+        assert row_mm.dice == row_vox.dice
+    assert res_mm.units == "mm" and "mm" in res_mm.format_table()
+
+
+def test_missing_prediction(hippo_files: list[Path], tmp_path: Path) -> None:
+    ref_dir, pred_dir, ids = _make_folders(hippo_files, tmp_path, n=3)
+    (pred_dir / f"{ids[1]}.nii.gz").unlink()
+    with pytest.raises(EvaluationError, match=ids[1]) as info:
+        evaluate_folders(ref_dir, pred_dir, progress=False)
+    assert "allow_missing" in str(info.value)
+    res = evaluate_folders(ref_dir, pred_dir, allow_missing=True, progress=False)
+    assert res.missing == [ids[1]]
+    assert res.n_cases == 2 and ids[1] not in {r.case for r in res.rows}
+    assert json.loads(res.to_json(tmp_path / "s.json").read_text())["missing"] == [ids[1]]
+    assert ids[1] in res.format_table()
+
+
+def test_shape_mismatch(hippo_files: list[Path], tmp_path: Path) -> None:
+    ref_dir, pred_dir, ids = _make_folders(hippo_files, tmp_path, n=2)
+    bad = pred_dir / f"{ids[1]}.nii.gz"
+    arr = _read(bad)[:, :-2, :]
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(bad))
+    with pytest.raises(EvaluationError, match="shape") as info:
+        evaluate_folders(ref_dir, pred_dir, progress=False)
+    assert str(bad) in str(info.value) and "resample" in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["pred", "ref"])
+def test_unexpected_label_value(hippo_files: list[Path], tmp_path: Path, where: str) -> None:
+    ref_dir, pred_dir, ids = _make_folders(hippo_files, tmp_path, n=2)
+    bad = (pred_dir if where == "pred" else ref_dir) / f"{ids[0]}.nii.gz"
+    img = sitk.ReadImage(str(bad))
+    arr = sitk.GetArrayFromImage(img)
+    arr[0, 0, 0] = 3
+    _write_like(arr, img, bad)
+    with pytest.raises(EvaluationError, match=r"\[3\]") as info:
+        evaluate_folders(ref_dir, pred_dir, labels=[1, 2], progress=False)
+    assert str(bad) in str(info.value)
+    # Without explicit labels a stray prediction label is only warned about; a reference label is evaluated.
+    if where == "pred":
+        with pytest.warns(UserWarning, match="occur in no reference"):
+            res = evaluate_folders(ref_dir, pred_dir, progress=False)
+        assert res.labels == [1, 2]
+    else:
+        assert evaluate_folders(ref_dir, pred_dir, progress=False).labels == [1, 2, 3]
+
+
+def test_non_integer_label_map_rejected(tmp_path: Path) -> None:
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    ref = np.zeros((6, 7, 8), dtype=np.float32)
+    ref[2:4, 2:5, 3:6] = 1.0
+    sitk.WriteImage(sitk.GetImageFromArray(ref), str(ref_dir / "c1.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(ref * 0.6), str(pred_dir / "c1.nii.gz"))
+    with pytest.raises(EvaluationError, match="non-integer") as info:
+        evaluate_folders(ref_dir, pred_dir, progress=False)
+    assert str(pred_dir / "c1.nii.gz") in str(info.value)
+    # Float label maps holding whole numbers are fine (some real references are stored as float32).
+    sitk.WriteImage(sitk.GetImageFromArray(ref), str(pred_dir / "c1.nii.gz"))
+    res = evaluate_folders(ref_dir, pred_dir, progress=False)
+    assert res.labels == [1] and res.rows[0].dice == 1.0
+
+
+def test_empty_and_nonexistent_folders(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    full = tmp_path / "full"
+    full.mkdir()
+    arr = np.zeros((4, 4, 4), dtype=np.uint8)
+    arr[1:3, 1:3, 1:3] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(full / "c1.nii.gz"))
+
+    with pytest.raises(EvaluationError, match="reference folder .* has no files ending in '.nii.gz'"):
+        evaluate_folders(empty, full, progress=False)
+    with pytest.raises(EvaluationError, match="prediction folder .*empty"):
+        evaluate_folders(full, empty, progress=False)
+    with pytest.raises(EvaluationError, match="does not exist"):
+        evaluate_folders(tmp_path / "nope", full, progress=False)
+    (empty / "c1.nii").write_bytes(b"")
+    with pytest.raises(EvaluationError, match="set file_ending"):
+        evaluate_folders(full, empty, progress=False)
+    with pytest.raises(EvaluationError, match="units"):
+        evaluate_folders(full, full, units="cm", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(EvaluationError, match="background"):
+        evaluate_folders(full, full, labels=[0, 1], progress=False)

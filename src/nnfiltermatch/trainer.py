@@ -85,7 +85,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         configuration: str,
         fold: int,
         dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
+        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnU-Net's signature)
     ):
         raw = plans.pop(PLANS_KEY, None)
         fm = TrainConfig.from_dict(raw) if raw else resolve_config({"mode": self.mode})

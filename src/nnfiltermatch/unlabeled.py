@@ -40,8 +40,8 @@ class UnlabeledDataset(nnUNetBaseDataset):
         data = blosc2.open(
             urlpath=str(Path(self.source_folder) / f"{identifier}.b2nd"), mode="r", dparams={"nthreads": 1}
         )
-        # A broadcast view costs no memory; the loader only crops it.
-        seg = np.broadcast_to(np.zeros((1,) * len(data.shape), dtype=np.int16), (1, *data.shape[1:]))
+        # All-zero stand-in: the loader crops it alongside the image; its augmented copy is never used.
+        seg = np.zeros((1, *data.shape[1:]), dtype=np.int16)
         properties = self.load_properties(identifier)
         properties.setdefault("class_locations", None)
         return data, seg, None, properties

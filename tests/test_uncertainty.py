@@ -114,7 +114,18 @@ def test_drop_tie_break_and_validation() -> None:
 
 @pytest.mark.parametrize(
     "epochs, expected",
-    [(300, [100, 200]), (30, [10, 20]), (6, [2, 4]), (2, [1]), (1, []), (0, []), (1000, [333, 666, 999])],
+    [
+        (300, [100, 200]),
+        (30, [10, 20]),
+        (6, [2, 4]),
+        (2, [1]),
+        (1, []),
+        (0, []),
+        (1000, [333, 667]),
+        (10, [3, 7]),
+        (40, [13, 27]),
+        (4, [1, 3]),
+    ],
 )
 def test_filter_schedule_defaults(epochs: int, expected: list[int]) -> None:
     sched = filter_schedule(epochs)

@@ -105,6 +105,57 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--file-ending", default=".nii.gz")
 
 
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="segment a folder of CASE_0000 images with a trained model (nnU-Net's sliding window, fold ensemble)",
+    )
+    p.add_argument("-i", "--input", required=True, type=Path, help="folder of CASE_XXXX<ending> images")
+    p.add_argument("-o", "--output", required=True, type=Path, help="folder for CASE<ending> label maps")
+    p.add_argument(
+        "-m", "--model-dir", type=Path, help="trained model folder (plans.json, fold_X/); instead of -d/-c/--mode"
+    )
+    p.add_argument("-d", "--dataset", help="dataset ID or name: with -c and --mode, finds the folder train wrote")
+    p.add_argument("-c", "--configuration", help="e.g. 3d_fullres, 3d_fullres_cpu")
+    p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
+    p.add_argument("-p", "--plans", default=None, help="plans name (default nnUNetPlans)")
+    p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble, e.g. -f 0 1 2 or -f all (default: found)")
+    p.add_argument("--checkpoint", choices=("final", "best"), default="final")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    p.add_argument("--no-mirroring", dest="mirroring", action="store_false", help="no mirroring test-time aug.")
+    p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, fraction of the patch")
+    p.add_argument("--save-probabilities", action="store_true", help="also write softmax .npz + .pkl (nnU-Net's)")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a public h5 benchmark (LA, ACDC) to an nnU-Net raw dataset")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+
+    def common(q: argparse.ArgumentParser, name: str) -> None:
+        q.add_argument("-d", "--dataset", required=True, type=int, metavar="ID", help="writes DatasetXXX_<name>")
+        q.add_argument("--name", default=name, help=f"dataset name (default {name})")
+        q.add_argument(
+            "--spacing",
+            nargs=3,
+            type=float,
+            metavar=("X", "Y", "Z"),
+            help="voxel spacing in mm, ITK order (X: last h5 axis, Z: first); default 1 1 1 (the h5 files have none)",
+        )
+        q.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+
+    la = formats.add_parser("la-h5", help="UA-MT layout: SRC/2018LA_Seg_Training Set/<CASE>/mri_norm2.h5")
+    la.add_argument("src", type=Path, metavar="SRC", help="folder holding '2018LA_Seg_Training Set' and the lists")
+    common(la, "LA")
+    la.add_argument("--train-list", type=Path, help="default SRC/train.list")
+    la.add_argument("--test-list", type=Path, help="default SRC/test.list (no imagesTs when absent)")
+    acdc = formats.add_parser("acdc-h5", help="SSL4MIS layout: SRC/data/slices/*.h5, SRC/data/*.h5, lists")
+    acdc.add_argument("src", type=Path, metavar="SRC", help="folder holding data/ and train.list, val.list, test.list")
+    common(acdc, "ACDC")
+    acdc.add_argument("--train-list", type=Path, help="default SRC/train.list")
+    acdc.add_argument("--val-list", type=Path, help="default SRC/val.list")
+    acdc.add_argument("--test-list", type=Path, help="default SRC/test.list (skipped when absent)")
+
+
 TRAIN_OPTION_NAMES = (
     "seed",
     "epochs",
@@ -175,6 +226,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         continue_training=args.continue_training,
         overwrite=args.overwrite,
         final_validation=not args.no_final_validation,
+        explicit_options={name for name in TRAIN_OPTION_NAMES if getattr(args, name) is not None},
     )
     print(f"Model written to {result.output_folder}")
     return 0
@@ -199,7 +251,62 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate}
+def cmd_predict(args: argparse.Namespace) -> int:
+    from nnfiltermatch.inference import PredictionError, predict_folder, resolve_model_dir
+
+    named = [
+        flag
+        for flag, value in (("-d", args.dataset), ("-c", args.configuration), ("--mode", args.mode), ("-p", args.plans))
+        if value is not None
+    ]
+    if args.model_dir is not None:
+        if named:
+            raise PredictionError(f"give either -m MODEL_DIR or -d/-c/--mode, not both (got -m and {', '.join(named)})")
+        model_dir = args.model_dir
+    elif args.dataset is None or args.configuration is None:
+        raise PredictionError("give -m MODEL_DIR, or -d DATASET and -c CONFIGURATION (and --mode, default filtermatch)")
+    else:
+        model_dir = resolve_model_dir(
+            args.dataset, args.configuration, args.mode or "filtermatch", args.plans or "nnUNetPlans"
+        )
+    written = predict_folder(
+        args.input,
+        args.output,
+        model_dir,
+        folds=args.folds,
+        checkpoint=args.checkpoint,
+        device=args.device or _default_device(),
+        mirroring=args.mirroring,
+        step_size=args.step_size,
+        save_probabilities=args.save_probabilities,
+    )
+    print(f"Wrote {len(written)} segmentations to {args.output} (model {model_dir})")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from nnfiltermatch.converters import convert_acdc_h5, convert_la_h5
+
+    common = {"dataset_id": args.dataset, "name": args.name, "spacing": args.spacing, "overwrite": args.overwrite}
+    if args.format == "la-h5":
+        result = convert_la_h5(args.src, train_list=args.train_list, test_list=args.test_list, **common)
+    else:
+        result = convert_acdc_h5(
+            args.src, train_list=args.train_list, val_list=args.val_list, test_list=args.test_list, **common
+        )
+    for message in result.messages:
+        print(message)
+    print(result.summary())
+    return 0
+
+
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "convert": cmd_convert,
+    "predict": cmd_predict,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_predict(sub)
+    _add_convert(sub)
     return parser
 
 

@@ -241,7 +241,15 @@ def _fingerprint_and_plan(inventory: DatasetInventory, dataset_name: str, plans_
     planner = ExperimentPlanner(dataset_name, plans_name=plans_name)
     planner.dataset = labeled  # same reason: plan from the labelled cases only
     planner.dataset_json["numTraining"] = len(labeled)
-    plans = planner.plan_experiment()
+    # The planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (single-threaded augmentation).
+    saved_n_proc = os.environ.get("nnUNet_n_proc_DA")
+    if saved_n_proc == "0":
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        plans = planner.plan_experiment()
+    finally:
+        if saved_n_proc == "0":
+            os.environ["nnUNet_n_proc_DA"] = saved_n_proc
     for base in ("3d_fullres", "2d"):
         add_cpu_configuration(plans, base)
     plans_file = out / f"{plans_name}.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnfiltermatch.config import TrainConfig
+from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig
 from nnfiltermatch.preparation import PreparationError, env_folder, load_prepared, preprocessed_root
 
 
@@ -57,6 +57,27 @@ def output_folder_for(
     )
 
 
+def build_trainer(
+    dataset_name: str,
+    configuration: str,
+    fold: int | str,
+    config: TrainConfig,
+    device: torch.device,
+    continue_training: bool = False,
+):
+    """Our trainer class for ``config.mode``, constructed the way nnU-Net's run_training does."""
+    from nnfiltermatch.trainer import TRAINERS
+
+    prepared = load_prepared(dataset_name)
+    plans = json.loads((preprocessed_root(dataset_name) / f"{prepared.plans_name}.json").read_text())
+    dataset_json = json.loads((preprocessed_root(dataset_name) / "dataset.json").read_text())
+    plans[PLANS_KEY] = config.to_dict()
+    plans["continue_training"] = continue_training
+    return TRAINERS[config.mode](
+        plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device
+    )
+
+
 def train(
     dataset_name: str,
     configuration: str,
@@ -66,8 +87,13 @@ def train(
     continue_training: bool = False,
     overwrite: bool = False,
     final_validation: bool = True,
+    explicit_options: set[str] | None = None,
 ) -> TrainResult:
-    """Train one fold of one mode; refuses to clobber a finished or running model unless told to."""
+    """Train one fold of one mode; refuses to clobber a finished or running model unless told to.
+
+    With ``continue_training`` the configuration stored beside the checkpoint is used, so the resumed run filters
+    on the same schedule; only ``epochs`` may be changed (to extend a run), other explicit options are refused.
+    """
     from nnfiltermatch.trainer import TRAINERS
 
     torch_device = configure_runtime(device)
@@ -86,6 +112,11 @@ def train(
         raise PreparationError(
             f"mode {config.mode} needs unlabelled images but {dataset_name} was prepared without any: add images to "
             "imagesUnlabeled/ or prepare with a labelled list, or use --mode supervised"
+        )
+    if fold != "all" and len(prepared.labeled_ids) < 5:
+        raise PreparationError(
+            f"-f {fold}: nnU-Net's 5-fold split needs at least 5 labelled cases, {dataset_name} has "
+            f"{len(prepared.labeled_ids)}; train with -f all (all labelled cases for training)"
         )
     if config.labeled_fraction is None:
         config.labeled_fraction = prepared.labeled_fraction
@@ -107,16 +138,29 @@ def train(
             for child in filter_dir.iterdir():
                 child.unlink()
 
-    seed_everything(config.seed)
-    plans = json.loads((preprocessed_root(dataset_name) / f"{prepared.plans_name}.json").read_text())
-    dataset_json = json.loads((preprocessed_root(dataset_name) / "dataset.json").read_text())
-    from nnfiltermatch.config import PLANS_KEY
+    stored_config = out / CONFIG_FILENAME
+    if continue_training and stored_config.is_file():
+        stored = TrainConfig.from_dict(json.loads(stored_config.read_text()))
+        changed = sorted(
+            name
+            for name in (explicit_options or set()) - {"epochs", "seed"}
+            if getattr(config, name) != getattr(stored, name)
+        )
+        if changed:
+            raise PreparationError(
+                f"--continue resumes with the configuration stored in {stored_config}; these options differ from "
+                "it: "
+                + ", ".join(
+                    f"--{n.replace('_', '-')} {getattr(config, n)} (stored {getattr(stored, n)})" for n in changed
+                )
+                + ". Only --epochs may change, to extend the run."
+            )
+        stored.epochs = config.epochs if "epochs" in (explicit_options or set()) else stored.epochs
+        stored.validate()
+        config = stored
 
-    plans[PLANS_KEY] = config.to_dict()
-    plans["continue_training"] = continue_training
-    trainer = trainer_class(
-        plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=torch_device
-    )
+    seed_everything(config.seed)
+    trainer = build_trainer(dataset_name, configuration, fold, config, torch_device, continue_training)
     if continue_training:
         checkpoint = next(
             (

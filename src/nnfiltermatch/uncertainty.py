@@ -95,11 +95,12 @@ def filter_schedule(num_epochs: int, start: int | None = None, every: int | None
     """The 0-based epochs ``e`` at whose START the entropy filter runs (i.e. right after epoch ``e - 1`` ended).
 
     Paper defaults scaled to the run length: its 300 epochs filter at 100 and 200, so by default
-    ``start = every = max(1, round(num_epochs / 3))``. Returns ``start, start + every, ...`` strictly below
-    ``num_epochs`` (a filter at the start of a non-existent epoch is useless); every entry is >= 1 because filtering
-    before any training would score an untrained model. Examples: 300 -> [100, 200]; 30 -> [10, 20]; 6 -> [2, 4];
-    2 -> [1]; 1 -> []. Note the default can give three filters when num_epochs % 3 == 1 (e.g. 10 -> [3, 6, 9]).
-    Explicit ``start`` / ``every`` override either default independently.
+    ``start = max(1, round(num_epochs / 3))`` and ``every = max(1, ceil(num_epochs / 3))`` (ceil, so that like the
+    paper a default run gets two rounds, never a third one in its last epoch). Returns ``start, start + every, ...``
+    strictly below ``num_epochs`` (a filter at the start of a non-existent epoch is useless); every entry is >= 1
+    because filtering before any training would score an untrained model. Examples: 300 -> [100, 200];
+    30 -> [10, 20]; 10 -> [3, 7]; 6 -> [2, 4]; 2 -> [1]; 1 -> []. Explicit ``start`` / ``every`` override either
+    default independently.
     """
     if num_epochs < 0:
         raise ValueError(f"num_epochs must be >= 0, got {num_epochs}")
@@ -107,7 +108,6 @@ def filter_schedule(num_epochs: int, start: int | None = None, every: int | None
         raise ValueError(f"start must be >= 1 (the filter runs at the start of an epoch after training), got {start}")
     if every is not None and every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
-    default = max(1, round(num_epochs / 3))
-    first = default if start is None else start
-    step = default if every is None else every
+    first = max(1, round(num_epochs / 3)) if start is None else start
+    step = max(1, math.ceil(num_epochs / 3)) if every is None else every
     return list(range(first, num_epochs, step))

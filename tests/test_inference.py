@@ -1,0 +1,348 @@
+"""Prediction with a trained model: nnU-Net's predictor built from our trainer, safe checkpoint loading, errors.
+
+One tiny filtermatch model (2 epochs, no filter round) is trained once in a subprocess, so nnU-Net's import-time
+path globals never leak between test modules; every test then predicts a few imagesTs cases in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnfiltermatch import inference
+from nnfiltermatch.cli import main
+from nnfiltermatch.inference import (
+    PredictionError,
+    load_checkpoint_safely,
+    load_predictor,
+    predict_folder,
+    resolve_model_dir,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SUBSET = REPO / "data" / "Dataset901_HippocampusSubset"
+DATASET = "Dataset901_HippocampusSubset"
+CONFIG = "3d_fullres_cpu"
+LABELED = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
+CASES = ["hippocampus_065", "hippocampus_067"]
+FAST = ["--device", "cpu", "--step-size", "1.0"]  # one tile per axis pair: 8 windows per case
+
+
+@dataclass
+class Model:
+    root: Path
+    model_dir: Path
+    inputs: Path  # CASES as CASE_0000.nii.gz
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
+    root = tmp_path_factory.mktemp("predict")
+    env = {
+        "nnUNet_raw": str(root / "raw"),
+        "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"),
+        "nnUNet_compile": "0",
+        "nnUNet_n_proc_DA": "0",
+    }
+    shutil.copytree(SUBSET, root / "raw" / DATASET)
+    (root / "labeled.txt").write_text("\n".join(LABELED) + "\n")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        cli = [sys.executable, "-m", "nnfiltermatch.cli"]
+        for args in (
+            ["prepare", "-d", "901", "-c", CONFIG, "--labeled-list", str(root / "labeled.txt"), "-np", "1"],
+            ["train", "-d", "901", "-c", CONFIG, "-f", "all", "--mode", "filtermatch", "--epochs", "2"]
+            + ["--iters-per-epoch", "2", "--val-iters-per-epoch", "1", "--warmup-epochs", "1", "--filter-start", "2"]
+            + ["--device", "cpu", "--no-final-validation"],
+        ):
+            done = subprocess.run(cli + args, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        inputs = root / "inputs"
+        inputs.mkdir()
+        for case in CASES:
+            shutil.copy(SUBSET / "imagesTs" / f"{case}_0000.nii.gz", inputs)
+        model_dir = root / "results" / DATASET / f"nnFilterMatchTrainer__nnUNetPlans__{CONFIG}"
+        yield Model(root, model_dir, inputs)
+
+
+@pytest.fixture(scope="module")
+def unmirrored(model: Model) -> Path:
+    """Predictions without mirroring, with probabilities: the reference the variant models are compared with."""
+    out = model.root / "unmirrored"
+    written = predict_folder(
+        model.inputs, out, model.model_dir, device="cpu", mirroring=False, step_size=1.0, save_probabilities=True
+    )
+    assert written == [out / f"{case}.nii.gz" for case in CASES]
+    return out
+
+
+def _array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _final(model: Model) -> dict:
+    return load_checkpoint_safely(model.model_dir / "fold_all" / "checkpoint_final.pth")
+
+
+def _copy_model(model: Model, target: Path, checkpoints: dict[str, dict]) -> Path:
+    """A model folder with plans/dataset json from the trained one and the given {fold_X/name: checkpoint}."""
+    target.mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        shutil.copy(model.model_dir / name, target)
+    for rel, ckpt in checkpoints.items():
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ckpt, target / rel)
+    return target
+
+
+def _forced(ckpt: dict, label: int) -> dict:
+    """The checkpoint with the output bias pushing every voxel to ``label``: its predictions are unmistakable."""
+    forced = {**ckpt, "network_weights": dict(ckpt["network_weights"])}
+    key = max(
+        (k for k in forced["network_weights"] if k.startswith("decoder.seg_layers.") and k.endswith(".bias")),
+        key=lambda k: int(k.split(".")[2]),
+    )
+    bias = torch.full_like(forced["network_weights"][key], -50.0)  # small enough for nnU-Net's fp16 accumulator
+    bias[label] = 50.0
+    forced["network_weights"][key] = bias
+    return forced
+
+
+def _run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
+    code = main(["predict", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+# ----- predictions --------------------------------------------------------------------------------------------
+def test_cli_writes_nnunet_names_with_input_geometry(model: Model, capsys: pytest.CaptureFixture[str]) -> None:
+    out = model.root / "cli_out"
+    code, err = _run_cli(capsys, "-i", model.inputs, "-o", out, "-m", model.model_dir, *FAST)  # mirroring on
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{case}.nii.gz" for case in CASES]
+    labels = set(json.loads((model.model_dir / "dataset.json").read_text())["labels"].values())
+    for case in CASES:
+        image = sitk.ReadImage(str(model.inputs / f"{case}_0000.nii.gz"))
+        seg = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        assert seg.GetSize() == image.GetSize()
+        assert np.allclose(seg.GetSpacing(), image.GetSpacing())
+        assert np.allclose(seg.GetOrigin(), image.GetOrigin())
+        assert np.allclose(seg.GetDirection(), image.GetDirection())
+        assert set(np.unique(sitk.GetArrayFromImage(seg)).tolist()) <= labels
+
+
+def test_probabilities_are_softmax_of_the_segmentation(model: Model, unmirrored: Path) -> None:
+    for case in CASES:
+        probabilities = np.load(unmirrored / f"{case}.npz")["probabilities"]
+        seg = _array(unmirrored / f"{case}.nii.gz")
+        assert probabilities.shape == (3, *seg.shape)
+        assert np.allclose(probabilities.sum(axis=0), 1.0, atol=1e-3)
+        assert (probabilities >= 0).all()
+        assert np.array_equal(probabilities.argmax(axis=0), seg)
+        assert (unmirrored / f"{case}.pkl").is_file()
+
+
+def test_mirroring_switch_and_axes_from_checkpoint(model: Model) -> None:
+    calls = []
+    for mirroring, expected in ((True, 8), (False, 1)):
+        predictor = load_predictor(model.model_dir, ["all"], device="cpu", mirroring=mirroring)
+        assert predictor.allowed_mirroring_axes == (0, 1, 2)  # from the checkpoint
+        handle = predictor.network.register_forward_hook(lambda *_: calls.append(1))
+        patch = predictor.configuration_manager.patch_size
+        logits = predictor.predict_sliding_window_return_logits(torch.randn(1, *patch))
+        handle.remove()
+        assert logits.shape == (3, *patch) and len(calls) == expected  # 7 flipped passes with mirroring
+        calls.clear()
+
+
+def test_checkpoint_best_or_final(model: Model, unmirrored: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    final = _final(model)
+    folder = _copy_model(
+        model,
+        model.root / "best_final" / "nnFilterMatchTrainer__nnUNetPlans__x",
+        {"fold_all/checkpoint_final.pth": final, "fold_all/checkpoint_best.pth": _forced(final, 2)},
+    )
+    out = model.root / "best_out"
+    code, err = _run_cli(
+        capsys, "-i", model.inputs, "-o", out, "-m", folder, "--checkpoint", "best", "--no-mirroring", *FAST
+    )
+    assert code == 0, err
+    assert (_array(out / f"{CASES[0]}.nii.gz") == 2).all()
+    assert not (_array(unmirrored / f"{CASES[0]}.nii.gz") == 2).all()  # the final weights: not the forced ones
+    loaded = load_predictor(folder, None, checkpoint="final", device="cpu").list_of_parameters[0]
+    assert all(torch.equal(loaded[k], v) for k, v in final["network_weights"].items())
+
+
+def test_plain_nnunet_model_folder(model: Model, unmirrored: Path) -> None:
+    """nnU-Net's own trainer name and a checkpoint without our state predict exactly like our model."""
+    plain = _final(model)
+    plain["trainer_name"] = "nnUNetTrainer"
+    plain["init_args"] = {k: v for k, v in plain["init_args"].items() if k != "nnfiltermatch_state"}
+    for key in ("sup_losses", "unsup_losses", "confident_fraction", "unsup_weight", "pool_size"):
+        plain["logging"].pop(key)
+    folder = _copy_model(
+        model,
+        model.root / "plain" / DATASET / f"nnUNetTrainer__nnUNetPlans__{CONFIG}",
+        {"fold_0/checkpoint_final.pth": plain},
+    )
+    single = model.root / "plain_in"
+    single.mkdir()
+    shutil.copy(model.inputs / f"{CASES[0]}_0000.nii.gz", single)
+    written = predict_folder(single, model.root / "plain_out", folder, device="cpu", mirroring=False, step_size=1.0)
+    assert [p.name for p in written] == [f"{CASES[0]}.nii.gz"]
+    assert np.array_equal(_array(written[0]), _array(unmirrored / f"{CASES[0]}.nii.gz"))
+
+
+def test_folds_found_and_ensembled(model: Model) -> None:
+    final = _final(model)
+    folder = _copy_model(
+        model,
+        model.root / "folds" / "m",
+        {
+            "fold_0/checkpoint_final.pth": final,
+            "fold_1/checkpoint_final.pth": _forced(final, 1),
+            "fold_all/checkpoint_final.pth": final,
+        },
+    )
+    ensemble = load_predictor(folder, None, device="cpu", mirroring=False)
+    assert len(ensemble.list_of_parameters) == 2  # numbered folds found; fold_all only when there are none
+    assert len(load_predictor(folder, ["all"], device="cpu").list_of_parameters) == 1
+    data = torch.randn(1, *ensemble.configuration_manager.patch_size)
+    single = [
+        load_predictor(folder, [f], device="cpu", mirroring=False).predict_logits_from_preprocessed_data(data)
+        for f in (0, 1)
+    ]
+    mixed = ensemble.predict_logits_from_preprocessed_data(data)
+    assert torch.allclose(mixed.float(), (single[0].float() + single[1].float()) / 2, atol=0.1, rtol=1e-2)
+    assert not torch.allclose(mixed.float(), single[0].float(), atol=0.5)
+
+
+# ----- checkpoints are data, not code ---------------------------------------------------------------------------
+def _touch(path: str) -> None:
+    Path(path).write_text("code ran")
+
+
+class Payload:
+    """Pickles as a call of ``_touch``: what a malicious checkpoint would do with os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_touch, (str(self.marker),))
+
+
+def test_checkpoint_with_code_is_refused(model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "marker.txt"
+    evil = _final(model)
+    evil["init_args"]["payload"] = Payload(marker)
+    folder = _copy_model(model, tmp_path / "evil", {"fold_all/checkpoint_final.pth": evil})
+    path = folder / "fold_all" / "checkpoint_final.pth"
+    torch.load(path, map_location="cpu", weights_only=False)  # the payload is live: a full unpickle runs it
+    assert marker.is_file()
+    marker.unlink()
+    code, err = _run_cli(capsys, "-i", model.inputs, "-o", tmp_path / "out", "-m", folder, *FAST)
+    assert code == 2 and str(path) in err and "_touch" in err and "refused" in err
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_numpy_scalars_and_arrays_load_weights_only(model: Model, tmp_path: Path) -> None:
+    ckpt = _final(model)
+    assert isinstance(ckpt["_best_ema"], np.floating)  # what nnU-Net's logging really stores
+    ckpt["logging"]["extra"] = [np.arange(3), np.float64(1.5), np.int64(2), np.bool_(True), np.zeros((2, 2), "f4")]
+    torch.save(ckpt, tmp_path / "c.pth")
+    loaded = load_checkpoint_safely(tmp_path / "c.pth")["logging"]["extra"]
+    assert np.array_equal(loaded[0], np.arange(3)) and loaded[1] == 1.5 and loaded[2] == 2 and loaded[3]
+    assert loaded[4].dtype == np.float32 and loaded[4].shape == (2, 2)
+
+
+# ----- errors name the path and come before any long work ---------------------------------------------------------
+@pytest.fixture
+def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(inference, "load_predictor", refuse)
+
+
+def test_unknown_model_folder(model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run_cli(capsys, "-i", model.inputs, "-o", tmp_path / "o", "-m", tmp_path / "nope", *FAST)
+    assert code == 2 and str(tmp_path / "nope") in err and "plans.json" in err
+    code, err = _run_cli(capsys, "-i", model.inputs, "-o", tmp_path / "o", "-m", model.model_dir / "fold_all", *FAST)
+    assert code == 2 and f"give its parent {model.model_dir}" in err
+
+
+def test_missing_checkpoint_names_fold_and_lists_files(
+    model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run_cli(capsys, "-i", model.inputs, "-o", tmp_path / "o", "-m", model.model_dir, "-f", "3", *FAST)
+    assert code == 2 and "fold 3" in err and str(model.model_dir / "fold_3" / "checkpoint_final.pth") in err
+    assert "fold_all/: checkpoint_best.pth, checkpoint_final.pth" in err
+    folder = _copy_model(model, tmp_path / "m", {"fold_all/checkpoint_final.pth": {"network_weights": {}}})
+    code, err = _run_cli(capsys, "-i", model.inputs, "-o", tmp_path / "o", "-m", folder, "--checkpoint", "best")
+    assert code == 2 and "checkpoint_best.pth" in err and "fold_all/: checkpoint_final.pth" in err
+
+
+@pytest.mark.usefixtures("no_model_loading")
+def test_input_errors(model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def run(inputs: Path, out: Path | None = None) -> str:
+        code, err = _run_cli(capsys, "-i", inputs, "-o", out or tmp_path / "out", "-m", model.model_dir, *FAST)
+        assert code == 2
+        return err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = run(empty)
+    assert str(empty) in err and "no *.nii.gz images" in err
+    (empty / "notes.txt").write_text("x")
+    assert "notes.txt" in run(empty)
+
+    badly_named = tmp_path / "badly_named"
+    badly_named.mkdir()
+    shutil.copy(model.inputs / f"{CASES[0]}_0000.nii.gz", badly_named / "scan.nii.gz")
+    err = run(badly_named)
+    assert str(badly_named) in err and "scan.nii.gz" in err and "CASE_XXXX" in err
+
+    two_channels = tmp_path / "two_channels"
+    shutil.copytree(model.inputs, two_channels)
+    shutil.copy(two_channels / f"{CASES[0]}_0000.nii.gz", two_channels / f"{CASES[0]}_0001.nii.gz")
+    err = run(two_channels)
+    assert str(two_channels) in err and "1 channel" in err and f"{CASES[0]}: 0000, 0001" in err
+    assert "'MRI'" in err
+
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    err = run(model.inputs, not_a_folder)
+    assert str(not_a_folder) in err and "is a file" in err
+    assert "is the input folder" in run(model.inputs, model.inputs)
+    assert not list(model.inputs.glob(f"{CASES[0]}.nii.gz"))
+
+
+def test_model_dir_from_dataset_configuration_mode(model: Model, capsys: pytest.CaptureFixture[str]) -> None:
+    assert resolve_model_dir("901", CONFIG, "filtermatch") == model.model_dir
+    assert resolve_model_dir(DATASET, CONFIG, "filtermatch", plans="nnUNetPlans") == model.model_dir
+    assert resolve_model_dir(901, CONFIG, "ssl").name == f"nnFilterMatchTrainer_ssl__nnUNetPlans__{CONFIG}"
+    args = ("-i", model.inputs, "-o", model.root / "o")
+    # the same folder as -m: the error for a missing fold names it
+    code, err = _run_cli(capsys, *args, "-d", "901", "-c", CONFIG, "-f", "7", "--device", "cpu")
+    assert code == 2 and str(model.model_dir / "fold_7" / "checkpoint_final.pth") in err
+    code, err = _run_cli(capsys, *args, "-d", "901", "-c", CONFIG, "--mode", "supervised", "--device", "cpu")
+    assert code == 2 and str(model.model_dir.parent / f"nnFilterMatchTrainer_supervised__nnUNetPlans__{CONFIG}") in err
+    code, err = _run_cli(capsys, *args, "-m", model.model_dir, "-d", "901")
+    assert code == 2 and "either -m" in err
+    with pytest.raises(PredictionError, match="--mode 'fancy'"):
+        resolve_model_dir(901, CONFIG, "fancy")

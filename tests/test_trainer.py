@@ -1,0 +1,182 @@
+"""The trainer on real Hippocampus cases: three modes, the filter on schedule, loaders, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIG, DATASET
+from nnfiltermatch.config import CONFIG_FILENAME, resolve_config
+from nnfiltermatch.preparation import PreparationError
+from nnfiltermatch.trainer import STATE_KEY
+from nnfiltermatch.training import build_trainer, train
+
+SHORT = {
+    "epochs": 2,
+    "iters_per_epoch": 3,
+    "val_iters_per_epoch": 1,
+    "warmup_epochs": 1,
+    "save_every": 1,
+    "filter_tile_step": 1.0,
+}
+
+
+def _checkpoint(folder: Path, name: str = "checkpoint_final.pth") -> dict:
+    return torch.load(folder / name, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("mode", ["supervised", "ssl"])
+def test_modes_train_end_to_end(prepared: Path, mode: str) -> None:
+    config = resolve_config({**SHORT, "mode": mode})
+    result = train(DATASET, CONFIG, "all", config, "cpu", final_validation=False)
+    out = result.output_folder
+    assert out.name == "fold_all" and out.parent.name.endswith(f"__nnUNetPlans__{CONFIG}")
+    for name in ("checkpoint_final.pth", "progress.png", "progress_ssl.png", CONFIG_FILENAME):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.partial"))
+    assert json.loads((out / CONFIG_FILENAME).read_text())["mode"] == mode
+    checkpoint = _checkpoint(out)
+    state = checkpoint["init_args"][STATE_KEY]
+    logging = checkpoint["logging"]
+    assert state["mode"] == mode and checkpoint["current_epoch"] == 2
+    if mode == "supervised":
+        assert state["pool"] is None and logging["unsup_losses"] == [0.0, 0.0]
+    else:
+        assert len(state["pool"]) == 36 and state["filter_rounds"] == []
+        assert logging["unsup_losses"][0] == 0.0 and logging["unsup_losses"][1] > 0.0  # after warm-up only
+        assert state["teacher"] is not None  # EMA teacher by default
+    assert len(logging["pool_size"]) == 2 and len(logging["confident_fraction"]) == 2
+
+
+def test_filtermatch_filters_on_schedule(prepared: Path) -> None:
+    config = resolve_config({**SHORT, "mode": "filtermatch", "epochs": 3, "filter_start": 2})
+    assert config.filter_epochs == [2]
+    out = train(DATASET, CONFIG, "all", config, "cpu", overwrite=True, final_validation=False).output_folder
+    record = json.loads((out / "filter_rounds" / "epoch_0002.json").read_text())
+    assert record["pool_before"] == 36 and record["pool_after"] == 31  # floor(0.15 * 36) = 5 dropped
+    dropped = sorted(c["case"] for c in record["cases"] if not c["kept"])
+    scores = {c["case"]: c["score"] for c in record["cases"]}
+    assert max(scores[c] for c in dropped) <= min(s for c, s in scores.items() if c not in dropped)
+    assert record["seconds"] > 0
+    state = _checkpoint(out)["init_args"][STATE_KEY]
+    assert len(state["pool"]) == 31 and not set(dropped) & set(state["pool"])
+    assert [r["epoch"] for r in state["filter_rounds"]] == [2]
+    assert _checkpoint(out)["logging"]["pool_size"] == [36, 36, 31]
+
+
+def test_rebuilt_loader_draws_only_kept_cases(prepared: Path) -> None:
+    config = resolve_config({**SHORT, "mode": "filtermatch", "filter_drop": 0.5})
+    trainer = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
+    trainer.on_train_start()
+    try:
+        assert trainer.pool is not None and len(trainer.pool) == 36
+        seen_before = {k for _ in range(20) for k in next(trainer.dataloader_unlabeled)["keys"]}
+        record = trainer.run_filter_round()
+        dropped = {c["case"] for c in record["cases"] if not c["kept"]}
+        assert len(dropped) == 18 and len(trainer.pool) == 18
+        seen_after = {k for _ in range(30) for k in next(trainer.dataloader_unlabeled)["keys"]}
+        assert seen_after <= set(trainer.pool) and not seen_after & dropped
+        assert seen_before & dropped  # the old loader did draw them, so the check above is meaningful
+    finally:
+        trainer.on_train_end()
+
+
+def test_existing_run_is_not_overwritten(prepared: Path) -> None:
+    config = resolve_config({**SHORT, "mode": "supervised"})
+    train(DATASET, CONFIG, "all", config, "cpu", overwrite=True, final_validation=False)
+    with pytest.raises(PreparationError, match="--continue"):
+        train(DATASET, CONFIG, "all", config, "cpu", final_validation=False)
+    changed = resolve_config({**SHORT, "mode": "supervised", "tau": 0.5})
+    with pytest.raises(PreparationError, match="--tau 0.5 \\(stored 0.9\\)"):
+        train(
+            DATASET,
+            CONFIG,
+            "all",
+            changed,
+            "cpu",
+            continue_training=True,
+            final_validation=False,
+            explicit_options={"tau", "epochs"},
+        )
+    with pytest.raises(PreparationError, match="-f all"):
+        train(DATASET, CONFIG, 0, config, "cpu", final_validation=False)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nnfiltermatch.cli", *args]
+
+
+def test_killed_run_resumes_with_pool_rounds_and_optimiser(prepared: Path) -> None:
+    """SIGKILL after the first filter round; --continue must not redo it and must run the second on schedule."""
+    env = {**os.environ, "nnUNet_n_proc_DA": "1"}  # real worker processes, rebuilt after the filter round
+    args = [
+        "train",
+        "-d",
+        "901",
+        "-c",
+        CONFIG,
+        "-f",
+        "all",
+        "--mode",
+        "filtermatch",
+        "--device",
+        "cpu",
+        "--epochs",
+        "5",
+        "--iters-per-epoch",
+        "3",
+        "--val-iters-per-epoch",
+        "1",
+        "--warmup-epochs",
+        "1",
+        "--filter-start",
+        "2",
+        "--filter-every",
+        "2",
+        "--save-every",
+        "1",
+        "--filter-tile-step",
+        "1.0",
+        "--no-final-validation",
+    ]
+    out = prepared / "results" / DATASET / f"nnFilterMatchTrainer__nnUNetPlans__{CONFIG}" / "fold_all"
+    process = subprocess.Popen(
+        _cli(*args, "--overwrite"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            logs = list(out.glob("training_log_*.txt"))
+            if logs and "Epoch 3" in logs[0].read_text():
+                break  # epoch 2 (with its filter round) ended and its checkpoint_latest was written
+            assert process.poll() is None, "training ended before it could be interrupted"
+            time.sleep(0.2)
+        else:
+            pytest.fail("training did not reach epoch 3 in time")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    latest = _checkpoint(out, "checkpoint_latest.pth")
+    assert latest["current_epoch"] == 3
+    assert [r["epoch"] for r in latest["init_args"][STATE_KEY]["filter_rounds"]] == [2]
+    first_round = (out / "filter_rounds" / "epoch_0002.json").read_text()
+
+    resumed = subprocess.run(_cli(*args, "--continue"), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    final = _checkpoint(out)
+    state = final["init_args"][STATE_KEY]
+    assert final["current_epoch"] == 5
+    assert [r["epoch"] for r in state["filter_rounds"]] == [2, 4]
+    assert len(state["pool"]) == 31 - 4  # floor(0.15 * 31) = 4 in the second round
+    assert (out / "filter_rounds" / "epoch_0002.json").read_text() == first_round
+    assert final["logging"]["pool_size"] == [36, 36, 31, 31, 27]
+    assert final["optimizer_state"]["state"], "optimiser momentum restored and carried on"

@@ -59,7 +59,7 @@ class TrainConfig:
     score: str = "mean"
     topk_fraction: float = 0.1
     filter_mirroring: bool = False
-    filter_tile_step: float = 0.5
+    filter_tile_step: float = 1.0
     # bookkeeping filled in by the CLI
     labeled_fraction: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -155,6 +155,7 @@ def paper_values(labeled_fraction: float | None) -> dict[str, Any]:
         "cutout_p": 0.0,
         "cutmix_p": 0.0,
         "filter_mirroring": True,
+        "filter_tile_step": 0.5,
     }
 
 

@@ -434,11 +434,13 @@ def convert_la_h5(
     case_dir = src / LA_CASE_DIR
     if not case_dir.is_dir():
         problems.append(f"{_rel(case_dir, src)}/ does not exist (expected {LA_CASE_DIR}/<CASE>/{LA_H5_NAME})")
-    missing = [c for c in train_ids + test_ids if not (case_dir / c / LA_H5_NAME).is_file()]
-    if missing and case_dir.is_dir():
-        problems.append(
-            f"{len(missing)} listed case(s) have no {LA_CASE_DIR}/<CASE>/{LA_H5_NAME}: {missing[:MAX_LISTED_PROBLEMS]}"
-        )
+    elif train_ids or test_ids:
+        for list_path, ids in ((train_path, train_ids), (test_path, test_ids)):
+            problems += [
+                f"{LA_CASE_DIR}/{c}/{LA_H5_NAME} does not exist (case named by {_rel(list_path, src)})"
+                for c in ids
+                if not (case_dir / c / LA_H5_NAME).is_file()
+            ]
     if problems:
         raise ConversionError.from_problems(f"Cannot convert {src}", problems)
 

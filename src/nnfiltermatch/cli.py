@@ -91,7 +91,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--score", choices=SCORES, help="per-case reduction of voxel entropy (default mean)")
     f.add_argument("--topk-fraction", type=float)
     f.add_argument("--filter-mirroring", action="store_true", default=None, help="mirror when scoring (8x slower)")
-    f.add_argument("--filter-tile-step", type=float, help="sliding-window step (fraction of the patch) when scoring; 1.0 = no overlap (default), 0.5 = nnU-Net's")
+    f.add_argument("--filter-tile-step", type=float,
+                   help="sliding-window step (fraction of the patch) when scoring; 1.0 = no overlap (default)")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:

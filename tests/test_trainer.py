@@ -57,7 +57,9 @@ def test_modes_train_end_to_end(prepared: Path, mode: str) -> None:
 
 
 def test_filtermatch_filters_on_schedule(prepared: Path) -> None:
-    config = resolve_config({**SHORT, "mode": "filtermatch", "epochs": 3, "filter_start": 2})
+    config = resolve_config(
+        {**SHORT, "mode": "filtermatch", "epochs": 3, "filter_start": 2, "filter_scoring": "running"}
+    )
     assert config.filter_epochs == [2]
     out = train(DATASET, CONFIG, "all", config, "cpu", overwrite=True, final_validation=False).output_folder
     record = json.loads((out / "filter_rounds" / "epoch_0002.json").read_text())
@@ -66,6 +68,10 @@ def test_filtermatch_filters_on_schedule(prepared: Path) -> None:
     scores = {c["case"]: c["score"] for c in record["cases"]}
     assert max(scores[c] for c in dropped) <= min(s for c, s in scores.items() if c not in dropped)
     assert record["seconds"] > 0
+    # running scoring: cases seen by the weak view in epoch 1 (3 steps x 2 patches) reuse those predictions,
+    # the others are scored by sliding-window inference
+    sources = [c["source"] for c in record["cases"]]
+    assert 1 <= sources.count("running") <= 6 and sources.count("window") == 36 - sources.count("running")
     state = _checkpoint(out)["init_args"][STATE_KEY]
     assert len(state["pool"]) == 31 and not set(dropped) & set(state["pool"])
     assert [r["epoch"] for r in state["filter_rounds"]] == [2]

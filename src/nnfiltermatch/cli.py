@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from nnfiltermatch import __version__
-from nnfiltermatch.config import MODES, PRESETS, SCORES, TEACHERS
+from nnfiltermatch.config import MODES, PRESETS, SCORES, SCORINGS, TEACHERS
 
 
 def _default_device() -> str:
@@ -91,6 +91,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--score", choices=SCORES, help="per-case reduction of voxel entropy (default mean)")
     f.add_argument("--topk-fraction", type=float)
     f.add_argument("--filter-mirroring", action="store_true", default=None, help="mirror when scoring (8x slower)")
+    f.add_argument("--filter-scoring", choices=SCORINGS,
+                   help="window: sliding-window inference over the pool (default); running: average of the weak-view "
+                        "predictions made during training since the last round (free; unseen cases by window)")
     f.add_argument("--filter-tile-step", type=float,
                    help="sliding-window step (fraction of the patch) when scoring; 1.0 = no overlap (default)")
 
@@ -183,6 +186,7 @@ TRAIN_OPTION_NAMES = (
     "filter_drop",
     "score",
     "topk_fraction",
+    "filter_scoring",
     "filter_mirroring",
     "filter_tile_step",
 )

@@ -18,6 +18,7 @@ from nnfiltermatch.uncertainty import filter_schedule
 Mode = Literal["supervised", "ssl", "filtermatch"]
 MODES: tuple[str, ...] = ("supervised", "ssl", "filtermatch")
 SCORES: tuple[str, ...] = ("mean", "sum", "topk")
+SCORINGS: tuple[str, ...] = ("window", "running")
 TEACHERS: tuple[str, ...] = ("student", "ema")
 PRESETS: tuple[str, ...] = ("default", "paper")
 PLANS_KEY = "nnfiltermatch_config"
@@ -58,6 +59,7 @@ class TrainConfig:
     filter_drop: float = 0.15
     score: str = "mean"
     topk_fraction: float = 0.1
+    filter_scoring: str = "window"
     filter_mirroring: bool = False
     filter_tile_step: float = 1.0
     # bookkeeping filled in by the CLI
@@ -83,6 +85,10 @@ class TrainConfig:
             problems.append(f"--teacher {self.teacher!r}: choose one of {', '.join(TEACHERS)}")
         if self.score not in SCORES:
             problems.append(f"--score {self.score!r}: choose one of {', '.join(SCORES)}")
+        if self.filter_scoring not in SCORINGS:
+            problems.append(f"--filter-scoring {self.filter_scoring!r}: choose one of {', '.join(SCORINGS)}")
+        elif self.filter_scoring == "running" and self.score == "sum":
+            problems.append("--filter-scoring running averages patch scores: use --score mean or topk, not sum")
         for name in ("epochs", "iters_per_epoch"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -154,6 +160,7 @@ def paper_values(labeled_fraction: float | None) -> dict[str, Any]:
         "strong_intensity": False,
         "cutout_p": 0.0,
         "cutmix_p": 0.0,
+        "filter_scoring": "window",
         "filter_mirroring": True,
         "filter_tile_step": 0.5,
     }

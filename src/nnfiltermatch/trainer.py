@@ -108,6 +108,8 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         self.ignore_index = self.label_manager.num_segmentation_heads  # never a real class
         self.pool: list[str] | None = None
         self.filter_rounds: list[dict[str, Any]] = []
+        # per-case [sum of patch scores, count] from the weak-view predictions since the last filter round
+        self.running_scores: dict[str, list[float]] = {}
         self.teacher: nn.Module | None = None
         self.dataloader_unlabeled: Any = None
         self._epoch_stats: list[dict[str, float]] = []
@@ -223,11 +225,14 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             self._epoch_stats.append({"sup": self.loss.last["sup"], "unsup": 0.0, "conf": float("nan"), "w": 0.0})
             return result
 
-        weak = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+        unlabeled = next(self.dataloader_unlabeled)
+        weak = unlabeled["data"].to(self.device, non_blocking=True)
         model = self.teacher if self.teacher is not None else self.plain_network()
         with torch.no_grad():
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
                 weak_logits = _as_list(model(weak))
+            if self.fm.mode == "filtermatch" and self.fm.filter_scoring == "running":
+                self._accumulate_running_scores(unlabeled["keys"], weak_logits[0])
             pseudo, confident = pseudo_labels_for_scales(weak_logits, self.fm.tau, self.ignore_index)
             del weak_logits
             flip = self.current_epoch >= self.fm.flip_from_epoch
@@ -335,24 +340,43 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             decoder.deep_supervision = previous_ds
         return scores
 
+    def _accumulate_running_scores(self, keys: list[str], logits: torch.Tensor) -> None:
+        """The filter's score gathered for free from the weak-view predictions the step makes anyway."""
+        entropy = voxel_entropy(torch.softmax(logits.float(), dim=1), dim=1)
+        for key, case_entropy in zip(keys, entropy):
+            entry = self.running_scores.setdefault(str(key), [0.0, 0])
+            entry[0] += reduce_case_score(case_entropy, self.fm.score, self.fm.topk_fraction)
+            entry[1] += 1
+
     def run_filter_round(self) -> dict[str, Any]:
         """Score the pool, drop the most confident fraction, rebuild the unlabelled loader, record the round."""
         assert self.pool is not None
         start = time.time()
         before = list(self.pool)
-        scores = self.score_pool(before)
+        sources = dict.fromkeys(before, "window")
+        if self.fm.filter_scoring == "running":
+            running = {c: v[0] / v[1] for c, v in self.running_scores.items() if c in sources and v[1] > 0}
+            sources.update(dict.fromkeys(running, "running"))
+            unseen = [c for c in before if c not in running]
+            scores = {**running, **(self.score_pool(unseen) if unseen else {})}
+            self.running_scores = {}
+        else:
+            scores = self.score_pool(before)
         dropped = set(select_cases_to_drop(scores, self.fm.filter_drop))
         self.pool = [c for c in before if c not in dropped]
         seconds = time.time() - start
         record = {
             "epoch": self.current_epoch,
             "score": self.fm.score,
+            "scoring": self.fm.filter_scoring,
             "mirroring": self.fm.filter_mirroring,
             "tile_step": self.fm.filter_tile_step,
             "pool_before": len(before),
             "pool_after": len(self.pool),
             "seconds": round(seconds, 3),
-            "cases": [{"case": c, "score": scores[c], "kept": c not in dropped} for c in sorted(before)],
+            "cases": [
+                {"case": c, "score": scores[c], "kept": c not in dropped, "source": sources[c]} for c in sorted(before)
+            ],
         }
         self.filter_rounds.append(record)
         if self.local_rank == 0:
@@ -379,6 +403,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             "trainer_class": f"{type(self).__module__}.{type(self).__name__}",
             "pool": list(self.pool) if self.pool is not None else None,
             "filter_rounds": copy.deepcopy(self.filter_rounds),
+            "running_scores": copy.deepcopy(self.running_scores),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
         }
 
@@ -407,6 +432,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             raise RuntimeError(f"checkpoint is from mode {state['mode']!r}, this trainer runs {self.mode!r}")
         self.pool = state["pool"]
         self.filter_rounds = state["filter_rounds"]
+        self.running_scores = state.get("running_scores", {})
         if self.teacher is not None and state["teacher"] is not None:
             self.teacher.load_state_dict(state["teacher"])
         for key in SSL_LOG_KEYS:

@@ -1,0 +1,152 @@
+"""Cost of one training step per mode: seconds (both modes timed in one process, interleaved) and peak memory.
+
+Usage (after `nnfiltermatch prepare` of the dataset):
+    .venv/bin/python benchmarks/step_cost.py -d 901 -c 3d_fullres_cpu --steps 40 --out results/step_cost
+Writes ``step_cost.json`` and ``step_cost.md`` into ``--out``. Peak memory is measured in a fresh subprocess per
+mode (CPU: peak resident set size of the process; CUDA: torch's peak allocated memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nnfiltermatch.config import resolve_config
+from nnfiltermatch.preparation import dataset_name_from_id
+from nnfiltermatch.training import build_trainer, configure_runtime
+
+MODES = ("supervised", "ssl")
+
+
+def _trainer(dataset: str, configuration: str, mode: str, device: torch.device):
+    # warm-up 0 so that every timed step of mode ssl is a semi-supervised one
+    config = resolve_config({"mode": mode, "epochs": 10, "warmup_epochs": 0, "rampup_epochs": 0})
+    trainer = build_trainer(dataset, configuration, "all", config, device)
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    return trainer
+
+
+def _step(trainer) -> float:
+    start = time.perf_counter()
+    trainer.train_step(next(trainer.dataloader_train))
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_modes(dataset: str, configuration: str, device: torch.device, steps: int, warmup: int) -> dict:
+    trainers = {mode: _trainer(dataset, configuration, mode, device) for mode in MODES}
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    try:
+        for i in range(warmup + steps):
+            for mode in MODES:  # interleaved, so load on the machine affects both alike
+                seconds = _step(trainers[mode])
+                if i >= warmup:
+                    times[mode].append(seconds)
+    finally:
+        for trainer in trainers.values():
+            trainer.on_train_end()
+    medians = {mode: statistics.median(t) for mode, t in times.items()}
+    return {
+        "median_seconds": medians,
+        "mean_seconds": {mode: statistics.fmean(t) for mode, t in times.items()},
+        "ratio_ssl_over_supervised": medians["ssl"] / medians["supervised"],
+        "batch_size": trainers["supervised"].batch_size,
+        "patch_size": list(trainers["supervised"].configuration_manager.patch_size),
+    }
+
+
+def peak_memory(dataset: str, configuration: str, device: torch.device, mode: str, steps: int) -> float:
+    """MiB: CUDA peak allocated, or the process's peak resident set size on CPU."""
+    trainer = _trainer(dataset, configuration, mode, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        for _ in range(steps):
+            _step(trainer)
+    finally:
+        trainer.on_train_end()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-d", "--dataset", required=True)
+    parser.add_argument("-c", "--configuration", default="3d_fullres_cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("results/step_cost"))
+    parser.add_argument("--memory-only", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = configure_runtime(args.device)
+    dataset = dataset_name_from_id(args.dataset)
+    if args.memory_only:
+        print(json.dumps({"peak_mib": peak_memory(dataset, args.configuration, device, args.memory_only, 10)}))
+        return
+    result = time_modes(dataset, args.configuration, device, args.steps, args.warmup)
+    result["peak_mib"] = {}
+    for mode in MODES:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "-d",
+                args.dataset,
+                "-c",
+                args.configuration,
+                "--device",
+                args.device,
+                "--memory-only",
+                mode,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        result["peak_mib"][mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+    result.update(
+        {
+            "dataset": dataset,
+            "configuration": args.configuration,
+            "device": args.device,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        }
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "step_cost.json").write_text(json.dumps(result, indent=2))
+    med = result["median_seconds"]
+    table = "\n".join(
+        [
+            f"{dataset}, `{args.configuration}` (batch {result['batch_size']} + {result['batch_size']} unlabelled, patch "
+            f"{'x'.join(map(str, result['patch_size']))}), {args.device}, median of {args.steps} steps",
+            "",
+            "| mode | s / step (median) | peak memory MiB |",
+            "|---|---|---|",
+            *(f"| {m} | {med[m]:.3f} | {result['peak_mib'][m]:.0f} |" for m in MODES),
+            "",
+            f"ssl / supervised step time: {result['ratio_ssl_over_supervised']:.2f}",
+        ]
+    )
+    (args.out / "step_cost.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -91,11 +91,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--score", choices=SCORES, help="per-case reduction of voxel entropy (default mean)")
     f.add_argument("--topk-fraction", type=float)
     f.add_argument("--filter-mirroring", action="store_true", default=None, help="mirror when scoring (8x slower)")
-    f.add_argument("--filter-scoring", choices=SCORINGS,
-                   help="window: sliding-window inference over the pool (default); running: average of the weak-view "
-                        "predictions made during training since the last round (free; unseen cases by window)")
-    f.add_argument("--filter-tile-step", type=float,
-                   help="sliding-window step (fraction of the patch) when scoring; 1.0 = no overlap (default)")
+    f.add_argument(
+        "--filter-scoring",
+        choices=SCORINGS,
+        help="window: sliding-window inference over the pool (default); running: average of the weak-view "
+        "predictions made during training since the last round (free; unseen cases by window)",
+    )
+    f.add_argument(
+        "--filter-tile-step",
+        type=float,
+        help="sliding-window step (fraction of the patch) when scoring; 1.0 = no overlap (default)",
+    )
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -305,7 +311,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole job on the shipped Hippocampus subset: supervised vs filtermatch")
+    p.add_argument(
+        "--out", type=Path, default=Path("nnfiltermatch_demo"), help="working folder (default ./nnfiltermatch_demo)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a short schedule for a first look (about 3 minutes on 2 cores)"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nnfiltermatch.demo import run_demo
+
+    results = run_demo(args.out, quick=args.quick, device=args.device or _default_device(), seed=args.seed)
+    print(f"Wrote {args.out / 'results.md'} and {args.out / 'results.json'} ({results['total_seconds']:.0f} s)")
+    return 0
+
+
 COMMANDS = {
+    "demo": cmd_demo,
     "prepare": cmd_prepare,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
@@ -326,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_predict(sub)
     _add_convert(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -134,8 +134,9 @@ def main() -> None:
     med = result["median_seconds"]
     table = "\n".join(
         [
-            f"{dataset}, `{args.configuration}` (batch {result['batch_size']} + {result['batch_size']} unlabelled, patch "
-            f"{'x'.join(map(str, result['patch_size']))}), {args.device}, median of {args.steps} steps",
+            f"{dataset}, `{args.configuration}` (batch {result['batch_size']} + {result['batch_size']} "
+            f"unlabelled, patch {'x'.join(map(str, result['patch_size']))}), {args.device}, "
+            f"median of {args.steps} steps",
             "",
             "| mode | s / step (median) | peak memory MiB |",
             "|---|---|---|",

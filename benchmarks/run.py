@@ -1,0 +1,488 @@
+"""Benchmark runner: the three modes on a dataset and a labelled list, several seeds, test-set metrics, cost.
+
+    .venv/bin/python benchmarks/run.py --dataset hippocampus --labeled 10pct --profile cpu-small
+    .venv/bin/python benchmarks/run.py --dataset acdc --labeled 3 --profile cpu-small
+
+Writes ``results/<dataset>/<profile>/<labeled>/results.json`` and ``results.md``: mean and standard deviation over
+seeds per mode and class, the gain over supervised paired by seed (with a paired t-test when there are at least
+two seeds), the paper's numbers where the protocol is the paper's, and the cost of each mode (seconds per
+iteration measured in one process, filter-round seconds and their share of training, peak memory).
+Work folders (nnU-Net's three folders per experiment) go to ``--work`` (default ``work_dirs/``).
+Datasets come from ``../shared/data`` (or ``--shared``); any folder of the same layout works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+MODES = ("supervised", "ssl", "filtermatch")
+METRICS = ("dice", "jaccard", "hd95", "asd")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A compute budget: which plan configuration, how long, how many seeds."""
+
+    name: str
+    configuration_3d: str
+    configuration_2d: str
+    epochs: int
+    iters_per_epoch: int
+    val_iters_per_epoch: int
+    seeds: tuple[int, ...]
+    preset: str = "default"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PROFILES = {
+    # sized for a 2-core CPU: about 10 minutes per seed for all three modes on Hippocampus
+    "cpu-small": Profile(
+        "cpu-small", "3d_fullres_cpu", "2d_cpu", epochs=20, iters_per_epoch=50, val_iters_per_epoch=5, seeds=(0, 1, 2)
+    ),
+    # fits in about 10 minutes on one H100/H200 for all modes, one seed
+    "gpu-short": Profile(
+        "gpu-short", "3d_fullres", "2d", epochs=30, iters_per_epoch=50, val_iters_per_epoch=10, seeds=(0,)
+    ),
+    # the reference schedule (300 x 250, the paper's settings): a day on a GPU
+    "paper": Profile(
+        "paper", "3d_fullres", "2d", epochs=300, iters_per_epoch=250, val_iters_per_epoch=50, seeds=(0,), preset="paper"
+    ),
+}
+
+# method.md, Dice / Jaccard / 95HD (voxels) / ASD (voxels), mean over classes
+PAPER = {
+    ("acdc", "3"): {
+        "supervised": (82.96, 73.01, 9.52, 2.69),
+        "ssl": (89.51, 81.59, 2.43, 0.71),
+        "filtermatch": (89.56, 81.63, 2.39, 0.63),
+    },
+    ("acdc", "7"): {
+        "supervised": (86.31, 77.55, 4.42, 1.14),
+        "ssl": (89.58, 81.65, 2.41, 0.69),
+        "filtermatch": (90.06, 82.41, 1.46, 0.44),
+    },
+    ("la", "8"): {"filtermatch": (91.50, 84.40, float("nan"), float("nan"))},
+}
+
+
+@dataclass
+class Experiment:
+    dataset_key: str
+    dataset_name: str
+    labeled_key: str
+    labeled_list: Path
+    dimension: str  # "3d" or "2d"
+    root: Path  # holds nnUNet_preprocessed / nnUNet_results for this labelled list
+    raw_root: Path
+    test_images: Path
+    test_labels: Path
+    labels: list[int]
+    class_names: dict[int, str]
+
+
+def _shared(args: argparse.Namespace) -> Path:
+    shared = Path(args.shared) if args.shared else REPO.parent / "shared" / "data"
+    if not shared.is_dir():
+        sys.exit(f"shared data folder {shared} not found: pass --shared PATH (see ../shared/data/README.md)")
+    return shared
+
+
+def _link_case(src_image: Path, src_label: Path, images: Path, labels: Path, case: str) -> None:
+    (images / f"{case}_0000.nii.gz").symlink_to(src_image.resolve())
+    (labels / f"{case}.nii.gz").symlink_to(src_label.resolve())
+
+
+def setup_hippocampus(shared: Path, work: Path, labeled_key: str, test_cases: int = 50) -> Experiment:
+    """MSD Hippocampus with a seeded held-out test split of 50 cases; the rest is the training pool."""
+    from nnfiltermatch.inventory import sample_labeled_ids, write_labeled_list
+
+    src = shared / "hippocampus"
+    name = "Dataset904_HippocampusBench"
+    raw_root = work / "hippocampus" / "nnUNet_raw"
+    raw = raw_root / name
+    ids = sorted(p.name[: -len("_0000.nii.gz")] for p in (src / "imagesTr").glob("*_0000.nii.gz"))
+    rng = np.random.default_rng(0)
+    test = sorted(rng.choice(ids, size=test_cases, replace=False).tolist())
+    train = [i for i in ids if i not in test]
+    if not raw.is_dir():
+        partial = raw_root / (name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+            (partial / sub).mkdir(parents=True)
+        for case in train:
+            _link_case(
+                src / "imagesTr" / f"{case}_0000.nii.gz",
+                src / "labelsTr" / f"{case}.nii.gz",
+                partial / "imagesTr",
+                partial / "labelsTr",
+                case,
+            )
+        for case in test:
+            _link_case(
+                src / "imagesTr" / f"{case}_0000.nii.gz",
+                src / "labelsTr" / f"{case}.nii.gz",
+                partial / "imagesTs",
+                partial / "labelsTs",
+                case,
+            )
+        dataset_json = json.loads((src / "dataset.json").read_text())
+        dataset_json["numTraining"] = len(train)
+        dataset_json["description"] = f"{dataset_json.get('description', '')}; benchmark split: {len(test)} held-out"
+        (partial / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+        partial.rename(raw)
+    fractions = {"10pct": 0.1, "5pct": 0.05}
+    if labeled_key not in fractions:
+        sys.exit(f"--labeled for hippocampus: one of {', '.join(fractions)}")
+    labeled_list = work / "hippocampus" / f"labeled_{labeled_key}.txt"
+    write_labeled_list(
+        sample_labeled_ids(train, fractions[labeled_key], 0),
+        labeled_list,
+        header=f"{fractions[labeled_key]:.0%} of the {len(train)} training cases, seed 0",
+    )
+    return Experiment(
+        "hippocampus",
+        name,
+        labeled_key,
+        labeled_list,
+        "3d",
+        work / "hippocampus" / labeled_key,
+        raw_root,
+        raw / "imagesTs",
+        raw / "labelsTs",
+        [1, 2],
+        {1: "anterior", 2: "posterior"},
+    )
+
+
+def setup_acdc(shared: Path, work: Path, labeled_key: str) -> Experiment:
+    """ACDC from the SSL4MIS layout; test = the validation volumes (the test patients are not in shared/)."""
+    from nnfiltermatch.converters import convert_acdc_h5
+
+    name = "Dataset905_ACDCBench"
+    raw_root = work / "acdc" / "nnUNet_raw"
+    raw = raw_root / name
+    if not raw.is_dir():
+        raw_root.mkdir(parents=True, exist_ok=True)
+        convert_acdc_h5(shared / "acdc", 905, name="ACDCBench", raw_root=raw_root)
+    labeled_list = raw / f"labeled_{labeled_key}.txt"
+    if not labeled_list.is_file():
+        sys.exit(f"--labeled for acdc: 3 or 7 (no {labeled_list})")
+    return Experiment(
+        "acdc",
+        name,
+        labeled_key,
+        labeled_list,
+        "2d",
+        work / "acdc" / labeled_key,
+        raw_root,
+        raw / "imagesTs",
+        raw / "labelsTs",
+        [1, 2, 3],
+        {1: "RV", 2: "Myo", 3: "LV"},
+    )
+
+
+def setup_la(shared: Path, work: Path, labeled_key: str) -> Experiment:
+    """LA (UA-MT layout). The shared subset has no test list: its 8 unlabelled cases double as the test set."""
+    from nnfiltermatch.converters import convert_la_h5
+
+    name = "Dataset906_LABench"
+    raw_root = work / "la" / "nnUNet_raw"
+    raw = raw_root / name
+    if not raw.is_dir():
+        raw_root.mkdir(parents=True, exist_ok=True)
+        convert_la_h5(shared / "la", 906, name="LABench", raw_root=raw_root)
+    labeled_list = raw / f"labeled_{labeled_key}.txt"
+    test_images, test_labels = raw / "imagesTs", raw / "labelsTs"
+    if not test_images.is_dir():  # transductive evaluation on the unlabelled training cases, said in the table
+        labeled = {line.strip() for line in labeled_list.read_text().splitlines() if line and line[0] != "#"}
+        test_images, test_labels = work / "la" / "eval_images", work / "la" / "eval_labels"
+        if not test_images.is_dir():
+            test_images.mkdir(parents=True)
+            test_labels.mkdir(parents=True)
+            for image in sorted((raw / "imagesTr").glob("*_0000.nii.gz")):
+                case = image.name[: -len("_0000.nii.gz")]
+                if case not in labeled:
+                    _link_case(image, raw / "labelsTr" / f"{case}.nii.gz", test_images, test_labels, case)
+    return Experiment(
+        "la",
+        name,
+        labeled_key,
+        labeled_list,
+        "3d",
+        work / "la" / labeled_key,
+        raw_root,
+        test_images,
+        test_labels,
+        [1],
+        {1: "atrium"},
+    )
+
+
+SETUPS = {"hippocampus": setup_hippocampus, "acdc": setup_acdc, "la": setup_la}
+
+
+def _use_folders(exp: Experiment) -> None:
+    """nnU-Net's folders for this experiment: one prepared labelled set per preprocessed root."""
+    os.environ["nnUNet_raw"] = str(exp.raw_root)
+    os.environ["nnUNet_preprocessed"] = str(exp.root / "nnUNet_preprocessed")
+    os.environ["nnUNet_results"] = str(exp.root / "nnUNet_results")
+    for key in ("nnUNet_preprocessed", "nnUNet_results"):
+        Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
+
+
+def run_experiment(exp: Experiment, profile: Profile, device: str, out: Path, modes: tuple[str, ...]) -> dict:
+    from nnfiltermatch.config import resolve_config
+    from nnfiltermatch.inference import predict_folder
+    from nnfiltermatch.metrics import evaluate_folders
+    from nnfiltermatch.preparation import prepare
+    from nnfiltermatch.training import train
+
+    _use_folders(exp)
+    configuration = profile.configuration_3d if exp.dimension == "3d" else profile.configuration_2d
+    prepared = prepare(exp.dataset_name, [configuration], labeled_list=exp.labeled_list, num_processes=2)
+    runs: list[dict[str, Any]] = []
+    for seed in profile.seeds:
+        for mode in modes:
+            run_dir = out / "runs" / f"{mode}_seed{seed}"
+            done = run_dir / "run.json"
+            if done.is_file():  # resumable benchmark: finished runs are kept
+                runs.append(json.loads(done.read_text()))
+                continue
+            overrides = {
+                "mode": mode,
+                "seed": seed,
+                "epochs": profile.epochs,
+                "iters_per_epoch": profile.iters_per_epoch,
+                "val_iters_per_epoch": profile.val_iters_per_epoch,
+                "save_every": 10,
+                "labeled_fraction": prepared.labeled_fraction,
+                **profile.extra,
+            }
+            config = resolve_config(overrides, preset=profile.preset)
+            print(f"[benchmark] {exp.dataset_key} {exp.labeled_key} {profile.name}: {mode} seed {seed}", flush=True)
+            t0 = time.time()
+            trained = train(
+                exp.dataset_name, configuration, "all", config, device, overwrite=True, final_validation=False
+            )
+            train_seconds = time.time() - t0
+            pred_dir = run_dir / "predictions"
+            if pred_dir.exists():
+                shutil.rmtree(pred_dir)
+            t0 = time.time()
+            predict_folder(
+                exp.test_images, pred_dir, trained.output_folder.parent, folds=["all"], device=device, mirroring=False
+            )
+            predict_seconds = time.time() - t0
+            evaluation = evaluate_folders(exp.test_labels, pred_dir, labels=exp.labels, units="voxel", progress=False)
+            evaluation.to_json(run_dir / "evaluation.json")
+            evaluation.to_csv(run_dir / "evaluation.csv")
+            rounds = [
+                json.loads(p.read_text()) for p in sorted((trained.output_folder / "filter_rounds").glob("*.json"))
+            ]
+            record = {
+                "mode": mode,
+                "seed": seed,
+                "train_seconds": train_seconds,
+                "predict_seconds": predict_seconds,
+                "filter_seconds": sum(r["seconds"] for r in rounds),
+                "filter_rounds": len(rounds),
+                "per_class": {str(k): v for k, v in evaluation.per_class_mean.items()},
+                "mean": evaluation.mean_over_classes,
+                "n_undefined": {str(k): v for k, v in evaluation.n_undefined.items()},
+                "config": config.to_dict(),
+            }
+            shutil.rmtree(pred_dir)  # keep the metrics, not the label maps
+            tmp = done.with_name("run.json.tmp")
+            tmp.write_text(json.dumps(record, indent=2, default=float))
+            tmp.replace(done)
+            runs.append(record)
+    return {
+        "configuration": configuration,
+        "labeled_ids": prepared.labeled_ids,
+        "n_unlabeled": len(prepared.unlabeled_ids),
+        "runs": runs,
+    }
+
+
+def measure_cost(exp: Experiment, configuration: str, device: str, steps: int) -> dict:
+    """Seconds per iteration of supervised and ssl in one process (interleaved), and peak memory per mode."""
+    import subprocess
+
+    _use_folders(exp)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "step_cost.py"),
+            "-d",
+            exp.dataset_name,
+            "-c",
+            configuration,
+            "--device",
+            device,
+            "--steps",
+            str(steps),
+            "--out",
+            str(exp.root / "step_cost"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads((exp.root / "step_cost" / "step_cost.json").read_text())
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tuple[dict, str]:
+    from scipy.stats import ttest_rel
+
+    runs = result["runs"]
+    modes = [m for m in MODES if any(r["mode"] == m for r in runs)]
+    summary: dict[str, Any] = {"modes": {}, "gain_over_supervised": {}}
+    for mode in modes:
+        mine = [r for r in runs if r["mode"] == mode]
+        entry: dict[str, Any] = {"mean": {}, "per_class": {}}
+        for metric in METRICS:
+            entry["mean"][metric] = _mean_std([r["mean"][metric] for r in mine])
+            for label in exp.labels:
+                entry["per_class"].setdefault(str(label), {})[metric] = _mean_std(
+                    [r["per_class"][str(label)][metric] for r in mine]
+                )
+        entry["train_seconds"] = statistics.fmean(r["train_seconds"] for r in mine)
+        entry["filter_seconds"] = statistics.fmean(r["filter_seconds"] for r in mine)
+        summary["modes"][mode] = entry
+    sup = {r["seed"]: r["mean"]["dice"] for r in runs if r["mode"] == "supervised"}
+    for mode in modes:
+        if mode == "supervised" or not sup:
+            continue
+        pairs = [(r["mean"]["dice"], sup[r["seed"]]) for r in runs if r["mode"] == mode and r["seed"] in sup]
+        gains = [a - b for a, b in pairs]
+        p_value = float(ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue) if len(pairs) > 1 else None
+        summary["gain_over_supervised"][mode] = {
+            "dice_gain_mean": statistics.fmean(gains),
+            "per_seed": gains,
+            "paired_t_p": p_value,
+        }
+    paper = PAPER.get((exp.dataset_key, exp.labeled_key))
+    lines = [
+        f"### {exp.dataset_key}, labelled list `{exp.labeled_key}` ({len(result['labeled_ids'])} labelled / "
+        f"{result['n_unlabeled']} unlabelled), profile `{profile.name}`",
+        "",
+        f"`{result['configuration']}`, {profile.epochs} epochs x {profile.iters_per_epoch} iterations, seeds "
+        f"{', '.join(map(str, profile.seeds))}; test: {exp.test_labels.name} ({exp.test_labels}); metrics in voxels, "
+        "mean ± std over seeds of the per-volume mean",
+        "",
+        "| mode | class | Dice % | Jaccard % | HD95 | ASD | train s | filter s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(pair: tuple[float, float], scale: float = 1.0, digits: int = 2) -> str:
+        return f"{pair[0] * scale:.{digits}f} ± {pair[1] * scale:.{digits}f}"
+
+    for mode in modes:
+        entry = summary["modes"][mode]
+        rows = [(exp.class_names[label], entry["per_class"][str(label)]) for label in exp.labels]
+        rows.append(("mean", entry["mean"]))
+        for name, v in rows:
+            lines.append(
+                f"| {mode} | {name} | {fmt(v['dice'], 100)} | {fmt(v['jaccard'], 100)} | "
+                f"{fmt(v['hd95'])} | {fmt(v['asd'])} | {entry['train_seconds']:.0f} | "
+                f"{entry['filter_seconds']:.0f} |"
+            )
+        if paper and mode in paper:
+            d, j, h, a = paper[mode]
+            lines.append(f"| {mode} (paper) | mean | {d:.2f} | {j:.2f} | {h:.2f} | {a:.2f} | | |")
+    lines.append("")
+    for mode, gain in summary["gain_over_supervised"].items():
+        p = f", paired t-test p = {gain['paired_t_p']:.3f}" if gain["paired_t_p"] is not None else ""
+        per_seed = ", ".join(f"{g * 100:+.2f}" for g in gain["per_seed"])
+        lines.append(
+            f"- {mode} vs supervised: mean Dice gain {gain['dice_gain_mean'] * 100:+.2f} points "
+            f"(per seed {per_seed}){p}"
+        )
+    if "median_seconds" in cost:
+        med = cost["median_seconds"]
+        train_total = summary["modes"].get("filtermatch", {}).get("train_seconds")
+        filt = summary["modes"].get("filtermatch", {}).get("filter_seconds")
+        share = (
+            f"; filter rounds took {filt:.0f} s of {train_total:.0f} s filtermatch training ({filt / train_total:.0%})"
+            if train_total
+            else ""
+        )
+        lines.append(
+            f"- cost: {med['supervised']:.3f} s / supervised step, {med['ssl']:.3f} s / semi-supervised "
+            f"step (ratio {cost['ratio_ssl_over_supervised']:.2f}, one process, median of "
+            f"{cost['steps']} steps); peak memory {cost['peak_mib']['supervised']:.0f} vs "
+            f"{cost['peak_mib']['ssl']:.0f} MiB{share}"
+        )
+    summary["cost"] = cost
+    return summary, "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(SETUPS), required=True)
+    parser.add_argument("--labeled", required=True, help="hippocampus: 10pct|5pct; acdc: 3|7; la: 4|8")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu-small")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--shared", help="folder with hippocampus/, acdc/, la/ (default ../shared/data)")
+    parser.add_argument("--work", type=Path, default=REPO / "work_dirs")
+    parser.add_argument("--results", type=Path, default=REPO / "results")
+    parser.add_argument("--cost-steps", type=int, default=30)
+    args = parser.parse_args()
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    profile = PROFILES[args.profile]
+    if args.seeds:
+        profile = Profile(**{**asdict(profile), "seeds": tuple(args.seeds)})
+    exp = SETUPS[args.dataset](_shared(args), args.work.resolve(), args.labeled)
+    out = args.results / args.dataset / profile.name / args.labeled
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result = run_experiment(exp, profile, device, out, tuple(args.modes))
+    cost = measure_cost(exp, result["configuration"], device, args.cost_steps)
+    summary, table = summarise(exp, profile, result, cost)
+    command = " ".join(["python", "benchmarks/run.py", *sys.argv[1:]])
+    payload = {
+        "dataset": exp.dataset_key,
+        "labeled": exp.labeled_key,
+        "profile": asdict(profile),
+        "device": device,
+        "machine": platform.platform(),
+        "command": command,
+        "wall_seconds": time.time() - started,
+        **result,
+        "summary": summary,
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=float))
+    (out / "results.md").write_text(table + f"\nReproduce: `{command}`\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -55,27 +55,34 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
         "nnUNet_results": str(root / "results"),
         "nnUNet_compile": "0",
         "nnUNet_n_proc_DA": "0",
+        # The suite shares 2 cores with training subprocesses and nnU-Net's workers: 2 OpenMP threads against a busy
+        # core made mirrored inference 10x slower than 1 thread; one thread is predictable.
+        "OMP_NUM_THREADS": "1",
     }
     shutil.copytree(SUBSET, root / "raw" / DATASET)
     (root / "labeled.txt").write_text("\n".join(LABELED) + "\n")
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
-        cli = [sys.executable, "-m", "nnfiltermatch.cli"]
-        for args in (
-            ["prepare", "-d", "901", "-c", CONFIG, "--labeled-list", str(root / "labeled.txt"), "-np", "1"],
-            ["train", "-d", "901", "-c", CONFIG, "-f", "all", "--mode", "filtermatch", "--epochs", "2"]
-            + ["--iters-per-epoch", "2", "--val-iters-per-epoch", "1", "--warmup-epochs", "1", "--filter-start", "2"]
-            + ["--device", "cpu", "--no-final-validation"],
-        ):
-            done = subprocess.run(cli + args, env=dict(os.environ), capture_output=True, text=True, timeout=600)
-            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        inputs = root / "inputs"
-        inputs.mkdir()
-        for case in CASES:
-            shutil.copy(SUBSET / "imagesTs" / f"{case}_0000.nii.gz", inputs)
-        model_dir = root / "results" / DATASET / f"nnFilterMatchTrainer__nnUNetPlans__{CONFIG}"
-        yield Model(root, model_dir, inputs)
+        torch.set_num_threads(1)
+        try:
+            cli = [sys.executable, "-m", "nnfiltermatch.cli"]
+            for args in (
+                ["prepare", "-d", "901", "-c", CONFIG, "--labeled-list", str(root / "labeled.txt"), "-np", "1"],
+                ["train", "-d", "901", "-c", CONFIG, "-f", "all", "--mode", "filtermatch", "--epochs", "2"]
+                + ["--iters-per-epoch", "2", "--val-iters-per-epoch", "1", "--warmup-epochs", "1"]
+                + ["--filter-start", "2", "--device", "cpu", "--no-final-validation"],  # no filter round: fast
+            ):
+                done = subprocess.run(cli + args, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+                assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            inputs = root / "inputs"
+            inputs.mkdir()
+            for case in CASES:
+                shutil.copy(SUBSET / "imagesTs" / f"{case}_0000.nii.gz", inputs)
+            yield Model(root, root / "results" / DATASET / f"nnFilterMatchTrainer__nnUNetPlans__{CONFIG}", inputs)
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -31,10 +31,13 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 CHECKPOINTS: dict[str, str] = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 CHANNEL_DIGITS = 4
@@ -257,7 +260,7 @@ def load_predictor(
     device: str = "cpu",
     mirroring: bool = True,
     step_size: float = 0.5,
-):
+) -> nnUNetPredictor:
     """An initialised ``nnUNetPredictor`` for the given folds (ensembled when several), without nnU-Net's lookup."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -403,6 +406,12 @@ def predict_folder(
     _check_output_dir(output_dir, input_dir)
     device = device or default_device()
     predictor = load_predictor(model_dir, folds, checkpoint, device, mirroring, step_size)
+    previous = predictor.configuration_manager.previous_stage_name
+    if previous is not None:
+        raise PredictionError(
+            f"{model_dir} is a cascade stage (needs the predictions of {previous!r}): not supported by nnfiltermatch "
+            "predict; use a full-resolution or 2d configuration"
+        )
 
     output_dir.mkdir(parents=True, exist_ok=True)
     workers = 1 if predictor.device.type == "cpu" else max(1, min(3, os.cpu_count() or 1))

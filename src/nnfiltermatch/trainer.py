@@ -308,7 +308,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             tile_step_size=self.fm.filter_tile_step,
             use_gaussian=True,
             use_mirroring=self.fm.filter_mirroring,
-            perform_everything_on_device=True,
+            perform_everything_on_device=self.device.type == "cuda",
             device=self.device,
             verbose=False,
             verbose_preprocessing=False,
@@ -421,6 +421,11 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             os.replace(partial, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        if isinstance(filename_or_checkpoint, str):
+            from nnfiltermatch.inference import load_checkpoint_safely
+
+            # nnU-Net unpickles with weights_only=False; refuse a checkpoint with anything beyond plain data first.
+            load_checkpoint_safely(Path(filename_or_checkpoint))
         super().load_checkpoint(filename_or_checkpoint)
         state = self.my_init_kwargs.pop(STATE_KEY, None)
         if state is None:

@@ -94,9 +94,9 @@ def train(
     With ``continue_training`` the configuration stored beside the checkpoint is used, so the resumed run filters
     on the same schedule; only ``epochs`` may be changed (to extend a run), other explicit options are refused.
     """
+    torch_device = configure_runtime(device)  # before nnU-Net's configuration module reads the variables
     from nnfiltermatch.trainer import TRAINERS
 
-    torch_device = configure_runtime(device)
     prepared = load_prepared(dataset_name)
     if configuration not in prepared.configurations:
         plans = json.loads((preprocessed_root(dataset_name) / f"{prepared.plans_name}.json").read_text())

@@ -168,7 +168,7 @@ def test_killed_run_resumes_with_pool_rounds_and_optimiser(prepared: Path) -> No
         else:
             pytest.fail("training did not reach epoch 3 in time")
     finally:
-        process.send_signal(signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # the run and its data-augmentation workers, as a crash would
         process.wait()
     latest = _checkpoint(out, "checkpoint_latest.pth")
     assert latest["current_epoch"] == 3
@@ -186,3 +186,24 @@ def test_killed_run_resumes_with_pool_rounds_and_optimiser(prepared: Path) -> No
     assert (out / "filter_rounds" / "epoch_0002.json").read_text() == first_round
     assert final["logging"]["pool_size"] == [36, 36, 31, 31, 27]
     assert final["optimizer_state"]["state"], "optimiser momentum restored and carried on"
+
+
+def test_unlabelled_loss_survives_fully_ignored_pseudo_labels() -> None:
+    """Early after warm-up every voxel can fall below tau: the step must still give a differentiable loss."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    from nnfiltermatch.trainer import SemiSupervisedLoss
+
+    def dice_ce(weight_dice: float, ignore: int | None) -> DC_and_CE_loss:
+        return DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                              weight_dice=weight_dice, ignore_label=ignore, dice_class=MemoryEfficientSoftDiceLoss)
+
+    loss = SemiSupervisedLoss(dice_ce(1, None), dice_ce(0, 3))
+    loss.n_labeled, loss.weight = 2, 1.0
+    logits = torch.randn(4, 3, 8, 8, 8, requires_grad=True)
+    target = torch.cat([torch.randint(0, 3, (2, 1, 8, 8, 8)), torch.full((2, 1, 8, 8, 8), 3)])
+    value = loss(logits, target)
+    value.backward()
+    assert torch.isfinite(value) and loss.last["unsup"] == 0.0
+    assert logits.grad[2:].abs().sum() == 0 and logits.grad[:2].abs().sum() > 0

@@ -19,6 +19,7 @@ Mode = Literal["supervised", "ssl", "filtermatch"]
 MODES: tuple[str, ...] = ("supervised", "ssl", "filtermatch")
 SCORES: tuple[str, ...] = ("mean", "sum", "topk")
 SCORINGS: tuple[str, ...] = ("window", "running")
+UNSUP_LOSSES: tuple[str, ...] = ("ce", "dice_ce")
 TEACHERS: tuple[str, ...] = ("student", "ema")
 PRESETS: tuple[str, ...] = ("default", "paper")
 PLANS_KEY = "nnfiltermatch_config"
@@ -47,6 +48,7 @@ class TrainConfig:
     ema_decay: float = 0.99
     tau: float = 0.9
     lambda_u: float = 1.0
+    unsup_loss: str = "ce"
     rampup_epochs: int | None = None
     flip_from_epoch: int = 0
     strong_intensity: bool = True
@@ -85,6 +87,8 @@ class TrainConfig:
             problems.append(f"--teacher {self.teacher!r}: choose one of {', '.join(TEACHERS)}")
         if self.score not in SCORES:
             problems.append(f"--score {self.score!r}: choose one of {', '.join(SCORES)}")
+        if self.unsup_loss not in UNSUP_LOSSES:
+            problems.append(f"--unsup-loss {self.unsup_loss!r}: choose one of {', '.join(UNSUP_LOSSES)}")
         if self.filter_scoring not in SCORINGS:
             problems.append(f"--filter-scoring {self.filter_scoring!r}: choose one of {', '.join(SCORINGS)}")
         elif self.filter_scoring == "running" and self.score == "sum":
@@ -151,6 +155,7 @@ def paper_values(labeled_fraction: float | None) -> dict[str, Any]:
         "tau": 0.0,
         "teacher": "student",
         "lambda_u": 1.0,
+        "unsup_loss": "dice_ce",
         "rampup_epochs": 0,
         "score": "sum",
         "filter_start": 100,

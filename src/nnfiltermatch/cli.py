@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from nnfiltermatch import __version__
-from nnfiltermatch.config import MODES, PRESETS, SCORES, SCORINGS, TEACHERS
+from nnfiltermatch.config import MODES, PRESETS, SCORES, SCORINGS, TEACHERS, UNSUP_LOSSES
 
 
 def _default_device() -> str:
@@ -23,13 +24,20 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "-c",
         "--configurations",
         nargs="+",
-        default=["3d_fullres"],
+        default=None,
         help="plan configurations to preprocess (default 3d_fullres; 3d_fullres_cpu / 2d_cpu are small "
-        "CPU-sized variants that reuse the same data)",
+        "CPU-sized variants that reuse the same data; with --add-labels: every preprocessed one)",
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--labeled-list", type=Path, help="text file of imagesTr case IDs that count as labelled")
     budget.add_argument("--labeled-fraction", type=float, help="simulate a label budget: sample this fraction")
+    budget.add_argument(
+        "--add-labels",
+        type=Path,
+        metavar="DIR",
+        help="after annotating queried cases: CASE<ending> label files in DIR move those cases from the unlabelled "
+        "to the labelled set, preprocessed with the existing plans (no re-planning)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for --labeled-fraction (default 0)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans name (default nnUNetPlans)")
     p.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
@@ -57,6 +65,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--continue", dest="continue_training", action="store_true", help="resume from the last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished or interrupted run")
     p.add_argument("--no-final-validation", action="store_true", help="skip nnU-Net's validation after training")
+    d = p.add_argument_group("multi-process training (DDP)")
+    d.add_argument(
+        "--num-gpus",
+        "--num-processes",
+        dest="num_processes",
+        type=int,
+        default=1,
+        help="DDP processes on this machine: one per GPU with --device cuda, CPU processes with --device cpu "
+        "(default 1). The batch size is the global one, split over the processes. Under torchrun leave it out.",
+    )
+    d.add_argument(
+        "--backend", choices=("gloo", "nccl"), help="process-group backend (default: nccl on cuda, gloo on cpu)"
+    )
     g = p.add_argument_group("schedule and optimiser")
     g.add_argument("--epochs", type=int)
     g.add_argument("--iters-per-epoch", type=int)
@@ -72,6 +93,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--ema-decay", type=float)
     s.add_argument("--tau", type=float, help="confidence threshold; 0 reproduces the paper (default 0.9)")
     s.add_argument("--lambda-u", type=float, help="unlabelled loss weight (default 1)")
+    s.add_argument("--unsup-loss", choices=UNSUP_LOSSES,
+                   help="loss on pseudo-labels: ce (default) or dice_ce (nnU-Net's Dice+CE, the paper's)")
     s.add_argument("--rampup-epochs", type=int, help="linear ramp of lambda-u after warm-up (default 20%% of epochs)")
     s.add_argument("--flip-from-epoch", type=int, help="add random in-plane flips to the strong view from this epoch")
     s.add_argument(
@@ -181,6 +204,7 @@ TRAIN_OPTION_NAMES = (
     "ema_decay",
     "tau",
     "lambda_u",
+    "unsup_loss",
     "rampup_epochs",
     "flip_from_epoch",
     "strong_intensity",
@@ -199,11 +223,26 @@ TRAIN_OPTION_NAMES = (
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from nnfiltermatch.preparation import prepare
+    from nnfiltermatch.preparation import add_labels, dataset_name_from_id, load_prepared, prepare
 
+    if args.add_labels is not None:
+        added = add_labels(args.dataset, args.add_labels, args.configurations)
+        print(
+            f"Labelled {len(added.cases)} case(s): {', '.join(added.cases)} (images moved from imagesUnlabeled/: "
+            f"{len(added.moved_from_unlabeled_folder)}; already in imagesTr: {len(added.already_in_images_tr)}); "
+            f"preprocessed for {', '.join(added.configurations)} with the existing plans"
+        )
+        for message in added.messages:
+            print(f"Note: {message}")
+        prepared = load_prepared(dataset_name_from_id(args.dataset))
+        print(
+            f"{prepared.dataset_name}: {len(prepared.labeled_ids)} labelled, {len(prepared.unlabeled_ids)} "
+            "unlabelled cases"
+        )
+        return 0
     prepared = prepare(
         args.dataset,
-        args.configurations,
+        args.configurations or ["3d_fullres"],
         labeled_list=args.labeled_list,
         labeled_fraction=args.labeled_fraction,
         seed=args.seed,
@@ -238,8 +277,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         final_validation=not args.no_final_validation,
         explicit_options={name for name in TRAIN_OPTION_NAMES if getattr(args, name) is not None},
+        num_processes=args.num_processes,
+        backend=args.backend,
     )
-    print(f"Model written to {result.output_folder}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(f"Model written to {result.output_folder}")
     return 0
 
 
@@ -311,6 +353,110 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_query(sub: argparse._SubParsersAction) -> None:
+    from nnfiltermatch.query import DEFAULT_PNG_TOP, REDUCTIONS, REUSE_POLICIES, SCORE_TYPES
+
+    p = sub.add_parser(
+        "query", help="active learning: rank the unlabelled cases by the model's uncertainty (annotate the top ones)"
+    )
+    p.add_argument("-m", "--model-dir", type=Path, help="trained model folder (plans.json, fold_X/)")
+    p.add_argument("-d", "--dataset", help="dataset ID or name: with -c and --mode, finds the folder train wrote")
+    p.add_argument("-c", "--configuration", help="e.g. 3d_fullres, 3d_fullres_cpu")
+    p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
+    p.add_argument("-p", "--plans", default=None, help="plans name (default nnUNetPlans)")
+    p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: found); reuse needs one fold")
+    p.add_argument("--checkpoint", choices=("final", "best"), default="final")
+    p.add_argument("-n", "--top", type=int, help="list only the N most uncertain cases")
+    p.add_argument("--score", choices=SCORE_TYPES, default="entropy", help="voxel uncertainty (default entropy)")
+    p.add_argument("--reduce", choices=REDUCTIONS, default="mean", help="per-case reduction (default mean)")
+    p.add_argument("--topk-fraction", type=float, default=0.1, help="fraction of voxels for --reduce topk")
+    p.add_argument("--roi", action="store_true", help="score inside the predicted foreground's bounding box only")
+    p.add_argument("--roi-margin", type=int, default=5, help="voxels added around the --roi box (default 5)")
+    p.add_argument("--step-size", type=float, help="sliding-window step (default: the filter's tile step)")
+    p.add_argument(
+        "--reuse-filter-scores",
+        choices=REUSE_POLICIES,
+        default="auto",
+        help="auto: reuse the last filter round's scores when they are what this query computes (default)",
+    )
+    p.add_argument("-o", "--output", type=Path, help="ranking CSV (default MODEL_DIR/query_ranking_<score>.csv)")
+    p.add_argument("--png-dir", type=Path, help="folder for the top cases' PNGs (default beside the CSV)")
+    p.add_argument(
+        "--png-top", type=int, default=DEFAULT_PNG_TOP, help=f"PNGs for the N top cases (default {DEFAULT_PNG_TOP})"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from nnfiltermatch.inference import resolve_model_dir
+    from nnfiltermatch.query import QueryError, format_ranking, run_query
+
+    named = [
+        flag
+        for flag, value in (("-d", args.dataset), ("-c", args.configuration), ("--mode", args.mode), ("-p", args.plans))
+        if value is not None
+    ]
+    if args.model_dir is not None:
+        if named:
+            raise QueryError(f"give either -m MODEL_DIR or -d/-c/--mode, not both (got -m and {', '.join(named)})")
+        model_dir = args.model_dir
+    elif args.dataset is None or args.configuration is None:
+        raise QueryError("give -m MODEL_DIR, or -d DATASET and -c CONFIGURATION (and --mode, default filtermatch)")
+    else:
+        model_dir = resolve_model_dir(
+            args.dataset, args.configuration, args.mode or "filtermatch", args.plans or "nnUNetPlans"
+        )
+    result = run_query(
+        model_dir,
+        folds=args.folds,
+        checkpoint=args.checkpoint,
+        device=args.device or _default_device(),
+        score=args.score,
+        reduce=args.reduce,
+        topk_fraction=args.topk_fraction,
+        roi=args.roi,
+        roi_margin=args.roi_margin,
+        step_size=args.step_size,
+        reuse=args.reuse_filter_scores,
+        top_n=args.top,
+        output=args.output,
+        png_dir=args.png_dir,
+        png_top=args.png_top,
+    )
+    reused, computed = result.n_reused, len(result.ranking) - result.n_reused
+    if result.decision.reused:
+        print(
+            f"Scores reused for {len(result.decision.scores)} case(s) ({result.decision.reason}); the others computed."
+        )
+    else:
+        print(f"Scores computed (not reused: {result.decision.reason}).")
+    print(format_ranking(result))
+    print(
+        f"Ranked {result.total_cases} unlabelled case(s) by {result.score} ({result.reduce}) in {result.seconds:.1f} s "
+        f"(listed: {reused} reused, {computed} computed); wrote {result.csv_path}"
+        + (f" and {len(result.pngs)} PNG(s) to {result.pngs[0].parent}" if result.pngs else "")
+    )
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page: curves, pool, filter rounds, configuration")
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a fold folder, or a model folder with one fold")
+    p.add_argument("-f", "--fold", help="the fold, when MODEL_DIR holds several")
+    p.add_argument("-o", "--output", type=Path, help="HTML file (default MODEL_DIR/fold_X/report.html)")
+    p.add_argument(
+        "--evaluation", type=Path, help="summary JSON of `nnfiltermatch evaluate -o` (default: one found in the folder)"
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from nnfiltermatch.reports import build_report
+
+    target = build_report(args.model_dir, output=args.output, evaluation=args.evaluation, fold=args.fold)
+    print(f"Wrote {target}")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole job on the shipped Hippocampus subset: supervised vs filtermatch")
     p.add_argument(
@@ -338,6 +484,8 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "convert": cmd_convert,
     "predict": cmd_predict,
+    "query": cmd_query,
+    "report": cmd_report,
 }
 
 
@@ -352,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_predict(sub)
+    _add_query(sub)
+    _add_report(sub)
     _add_convert(sub)
     _add_demo(sub)
     return parser

@@ -29,6 +29,8 @@ from nnfiltermatch.inventory import Case, DatasetInventory, build_inventory, sam
 MANIFEST_NAME = "nnfiltermatch_prepare.json"
 LABELED_LIST_NAME = "nnfiltermatch_labeled_cases.txt"
 UNLABELED_DIRNAME = "unlabeled"
+ADDED_LABELS_KEY = "added_labels"  # manifest entries written by add_labels
+STAGING_NAME = ".add_labels.partial"
 CPU_SUFFIX = "_cpu"
 DEFAULT_PLANS = "nnUNetPlans"
 
@@ -280,17 +282,19 @@ def prepare(
         )
     out = preprocessed_root(dataset_name)
 
+    manifest_file = out / MANIFEST_NAME
+    manifest: dict[str, Any] = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
     labeled_ids: list[str] | None = None
     if labeled_list is not None:
         labeled_ids = read_labeled_list(Path(labeled_list))
     elif labeled_fraction is not None:
         labeled_ids = sample_labeled_ids(training_case_ids(raw_dir), labeled_fraction, seed)
+    labeled_ids = _with_added_labels(labeled_ids, manifest, raw_dir, manifest_file)
     inventory = build_inventory(raw_dir, labeled_ids, allow_empty_unlabeled=allow_no_unlabeled)
     digest = _inputs_digest(inventory, plans_name)
 
-    manifest_file = out / MANIFEST_NAME
-    manifest: dict[str, Any] = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
     if manifest.get("inputs_digest") != digest:
+        previous_added = list(manifest.get(ADDED_LABELS_KEY) or [])
         if manifest:
             print(f"Inputs changed since the last prepare of {dataset_name} (labelled cases or files): re-planning.")
             splits = out / "splits_final.json"
@@ -309,6 +313,8 @@ def prepare(
             "configurations": {},
             "planning_seconds": round(time.time() - start, 2),
         }
+        if manifest_added := [e for e in previous_added if set(e.get("cases", [])) & set(inventory.labeled_ids)]:
+            manifest[ADDED_LABELS_KEY] = manifest_added  # kept, so a later prepare with the list keeps them too
         header = f"labelled cases of {dataset_name} used by nnfiltermatch prepare"
         write_labeled_list(inventory.labeled_ids, out / LABELED_LIST_NAME, header=header)
         _copy_gt_segmentations(inventory, out)
@@ -337,6 +343,26 @@ def prepare(
         _atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
     _atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
     return load_prepared(dataset_name)
+
+
+def _with_added_labels(
+    labeled_ids: list[str] | None, manifest: dict[str, Any], raw_dir: Path, manifest_file: Path
+) -> list[str] | None:
+    """A labelled list plus the cases ``prepare --add-labels`` labelled since: the same list must not undo them.
+
+    Without a list every imagesTr case is labelled anyway (add_labels put the new ones there).
+    """
+    added = [c for entry in manifest.get(ADDED_LABELS_KEY) or [] for c in entry.get("cases", [])]
+    if labeled_ids is None or not added:
+        return labeled_ids
+    in_images_tr = set(training_case_ids(raw_dir))
+    extra = sorted({c for c in added if c in in_images_tr} - set(labeled_ids))
+    if extra:
+        print(
+            f"{len(extra)} case(s) labelled by `prepare --add-labels` stay labelled ({', '.join(extra[:8])}"
+            f"{' ...' if len(extra) > 8 else ''}); delete {manifest_file} to start again from the list alone."
+        )
+    return [*labeled_ids, *extra]
 
 
 def training_case_ids(raw_dir: Path) -> list[str]:
@@ -392,3 +418,223 @@ def _preprocess_configuration(
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
+
+
+# ----- adding labels after an active-learning query ---------------------------------------------------------------
+@dataclass
+class AddedLabels:
+    """What ``add_labels`` did, for the CLI to report."""
+
+    cases: list[str]
+    moved_from_unlabeled_folder: list[str]  # images moved from imagesUnlabeled/ to imagesTr/
+    already_in_images_tr: list[str]  # budget simulation: only the lists change
+    configurations: list[str]
+    stale_configurations: list[str]
+    messages: list[str]
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            chunk = fa.read(1 << 20)
+            if chunk != fb.read(1 << 20):
+                return False
+            if not chunk:
+                return True
+
+
+def _current_digest(raw_dir: Path, labeled_ids: list[str], plans_name: str) -> tuple[str, DatasetInventory]:
+    """The digest ``prepare`` computes for this labelled set (file listing and ``stat`` only, nothing opened)."""
+    inventory = build_inventory(raw_dir, labeled_ids, allow_empty_unlabeled=True, check_contents=False, progress=False)
+    return _inputs_digest(inventory, plans_name), inventory
+
+
+def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] | None = None) -> AddedLabels:
+    """Move annotated cases from the unlabelled to the labelled set without re-planning.
+
+    ``labels_dir`` holds ``CASE<file_ending>`` label files of unlabelled cases (e.g. the top of a ``query``
+    ranking, annotated). Everything is validated first (the images' and labels' geometry, label values, as prepare
+    checks them); then the cases are preprocessed with the existing plans into a staging folder, and only then are
+    files moved: the image from imagesUnlabeled/ to imagesTr/ (budget-simulation cases are already there), the label
+    into labelsTr/ and gt_segmentations/, the preprocessed case from the unlabelled to the labelled folder. The
+    manifest is written last, with the digest ``prepare`` will compute for the new state, so a later ``prepare``
+    (with the original labelled list, too) does not re-plan. ``configurations`` None: every preprocessed one;
+    others are marked stale (removed from the manifest) and preprocessed again by the next ``prepare -c``.
+    """
+    from nnfiltermatch.inventory import DataValidationError, _check_contents, _load_dataset_json
+
+    dataset_name = dataset_name_from_id(dataset)
+    raw_dir = env_folder("nnUNet_raw") / dataset_name
+    out = preprocessed_root(dataset_name)
+    manifest_file = out / MANIFEST_NAME
+    if not manifest_file.is_file():
+        raise PreparationError(
+            f"{manifest_file} not found: prepare the dataset first (`nnfiltermatch prepare -d {dataset_name}`), "
+            "train, query, annotate, then add the labels"
+        )
+    manifest: dict[str, Any] = json.loads(manifest_file.read_text())
+    plans_name = manifest["plans_name"]
+    dataset_json_raw, num_channels, file_ending, allowed_labels = _load_dataset_json(raw_dir)
+
+    labels_dir = Path(labels_dir)
+    if not labels_dir.is_dir():
+        raise PreparationError(f"--add-labels {labels_dir}: not a folder; give the folder of CASE{file_ending} labels")
+    files = sorted(p for p in labels_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    labels = {p.name[: -len(file_ending)]: p for p in files if p.name.endswith(file_ending)}
+    problems = [
+        f"{p} does not end in {file_ending} (dataset.json file_ending)"
+        for p in files
+        if p.stem and p not in labels.values()
+    ]
+    if not labels:
+        raise PreparationError(f"--add-labels {labels_dir}: no CASE{file_ending} label files in it")
+
+    labeled, unlabeled = set(manifest["labeled_ids"]), set(manifest["unlabeled_ids"])
+    images: dict[str, list[Path]] = {}
+    from_unlabeled: list[str] = []
+    for case_id in sorted(labels):
+        if case_id in labeled:
+            problems.append(f"{labels[case_id].name}: case {case_id!r} is already labelled")
+            continue
+        if case_id not in unlabeled:
+            base = case_id[:-5] if len(case_id) > 5 and case_id[-5] == "_" and case_id[-4:].isdigit() else None
+            hint = (
+                f" (label files are named CASE{file_ending}, without the channel suffix: {base}{file_ending})"
+                if base in unlabeled
+                else ""
+            )
+            problems.append(f"{labels[case_id].name}: {case_id!r} is not an unlabelled case of {dataset_name}{hint}")
+            continue
+        names = [f"{case_id}_{i:04d}{file_ending}" for i in range(num_channels)]
+        in_unl = [raw_dir / "imagesUnlabeled" / n for n in names]
+        in_tr = [raw_dir / "imagesTr" / n for n in names]
+        if all(p.is_file() for p in in_unl):
+            images[case_id] = in_unl
+            from_unlabeled.append(case_id)
+        elif all(p.is_file() for p in in_tr):
+            images[case_id] = in_tr
+        else:
+            problems.append(f"case {case_id!r}: no images {names[0]} ... in imagesUnlabeled/ or imagesTr/ of {raw_dir}")
+    if problems:
+        raise DataValidationError.from_problems(f"--add-labels {labels_dir}", problems)
+
+    # The raw inputs must still be what the manifest describes, or the new digest would hide other changes.
+    old_digest, _ = _current_digest(raw_dir, sorted(labeled), plans_name)
+    if old_digest != manifest.get("inputs_digest"):
+        raise PreparationError(
+            f"{raw_dir} changed since the last prepare (files added, removed or modified): run `nnfiltermatch "
+            f"prepare -d {dataset_name}` with your usual options first, then add the labels"
+        )
+    cases = [Case(c, tuple(images[c]), labels[c]) for c in sorted(labels)]
+    check = DatasetInventory(raw_dir, dataset_json_raw, cases, [], num_channels, file_ending)
+    _check_contents(check, allowed_labels, progress=False)  # geometry, label values, NaNs, truncation
+
+    prepared_configs: dict[str, dict[str, Any]] = manifest.get("configurations") or {}
+    chosen = list(prepared_configs) if configurations is None else list(configurations)
+    unknown = [c for c in chosen if c not in prepared_configs]
+    if unknown:
+        raise PreparationError(
+            f"-c {' '.join(unknown)}: not preprocessed (preprocessed: {', '.join(prepared_configs) or 'none'}); run "
+            f"`nnfiltermatch prepare -d {dataset_name} -c {' '.join(unknown)}` first"
+        )
+    by_identifier: dict[str, str] = {}
+    for name in chosen:
+        by_identifier.setdefault(prepared_configs[name]["data_identifier"], name)
+    stale = [n for n, v in prepared_configs.items() if v["data_identifier"] not in by_identifier]
+
+    plans = json.loads((out / f"{plans_name}.json").read_text())
+    dataset_json = json.loads((out / "dataset.json").read_text())
+    staging = out / STAGING_NAME
+    if staging.exists():
+        shutil.rmtree(staging)
+    messages: list[str] = []
+    try:
+        for data_identifier, configuration in by_identifier.items():
+            (staging / data_identifier).mkdir(parents=True)
+            jobs = [(str(staging / data_identifier / c.case_id), c, plans, configuration, dataset_json) for c in cases]
+            _run_parallel(_preprocess_labeled_case, jobs, 1, f"{configuration}: preprocessing newly labelled cases")
+
+        # commit: raw files, preprocessed files, ground truth, then the manifest last
+        for case in cases:
+            assert case.label_file is not None
+            target = raw_dir / "labelsTr" / f"{case.case_id}{file_ending}"
+            target.parent.mkdir(exist_ok=True)
+            if target.is_file() and not _same_bytes(target, case.label_file):
+                backup = target.with_name(target.name + ".before-add-labels")
+                os.replace(target, backup)
+                messages.append(f"labelsTr/{target.name} existed with other content: kept as {backup.name}")
+            if not target.is_file():
+                _atomic_copy(case.label_file, target)
+            if case.case_id in from_unlabeled:
+                for image in case.image_files:
+                    _atomic_copy(image, raw_dir / "imagesTr" / image.name)
+                for image in case.image_files:
+                    image.unlink()
+        for data_identifier in by_identifier:
+            for produced in sorted((staging / data_identifier).iterdir()):
+                os.replace(produced, out / data_identifier / produced.name)
+        for value in {v["data_identifier"] for v in prepared_configs.values()}:
+            for case in cases:
+                for suffix in (".b2nd", ".pkl"):
+                    (unlabeled_folder(dataset_name, value) / f"{case.case_id}{suffix}").unlink(missing_ok=True)
+        gt = out / "gt_segmentations"
+        gt.mkdir(exist_ok=True)
+        for case in cases:
+            assert case.label_file is not None
+            _atomic_copy(case.label_file, gt / f"{case.case_id}{file_ending}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    splits = out / "splits_final.json"
+    if splits.exists():
+        splits.unlink()
+        messages.append(
+            f"removed {splits.name}: nnU-Net makes a new 5-fold split of the {len(labeled) + len(cases)} labelled "
+            "cases at the next training of a fold (fold models trained before used the old split)"
+        )
+    for name in stale:
+        del prepared_configs[name]
+    if stale:
+        messages.append(
+            f"configuration(s) {', '.join(stale)} not updated: run `nnfiltermatch prepare -d {dataset_name} -c "
+            f"{' '.join(stale)}` before training them"
+        )
+    new_labeled = sorted(labeled | set(labels))
+    new_digest, inventory = _current_digest(raw_dir, new_labeled, plans_name)
+    added_entry = {
+        "cases": sorted(labels),
+        "labels_dir": str(labels_dir.resolve()),
+        "moved_from_imagesUnlabeled": sorted(from_unlabeled),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "previous_inputs_digest": manifest.get("inputs_digest"),
+    }
+    manifest.update(
+        {
+            "inputs_digest": new_digest,
+            "labeled_ids": inventory.labeled_ids,
+            "unlabeled_ids": inventory.unlabeled_ids,
+            "configurations": prepared_configs,
+            ADDED_LABELS_KEY: [*(manifest.get(ADDED_LABELS_KEY) or []), added_entry],
+        }
+    )
+    header = f"labelled cases of {dataset_name} used by nnfiltermatch prepare (incl. prepare --add-labels)"
+    write_labeled_list(inventory.labeled_ids, out / LABELED_LIST_NAME, header=header)
+    _atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
+    if not inventory.unlabeled_ids:
+        messages.append("no unlabelled cases are left: only --mode supervised can train on this dataset now")
+    return AddedLabels(
+        cases=sorted(labels),
+        moved_from_unlabeled_folder=sorted(from_unlabeled),
+        already_in_images_tr=sorted(set(labels) - set(from_unlabeled)),
+        configurations=list(by_identifier.values()),
+        stale_configurations=stale,
+        messages=messages,
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +45,479 @@ def plot_ssl_progress(logging: dict[str, list[Any]], output_folder: Path) -> Pat
     plt.close(fig)
     tmp.replace(target)
     return target
+
+
+# ----- the HTML report --------------------------------------------------------------------------------------------
+REPORT_NAME = "report.html"
+CHECKPOINT_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+_NOT_EVALUATIONS = {"plans.json", "dataset.json", "dataset_fingerprint.json", "nnfiltermatch_config.json", "debug.json"}
+_COLOURS = {"kept": "#1f77b4", "dropped": "#ff7f0e", "cut": "#d62728"}
+
+
+class ReportError(ValueError):
+    """The report cannot be built; the message names the folder or file and what is missing."""
+
+
+def resolve_fold_dir(model_dir: Path, fold: str | int | None = None) -> Path:
+    """A fold folder (``fold_X`` with a checkpoint) from either that folder or the model folder above it."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ReportError(f"{model_dir} does not exist: give a trained model folder or one of its fold_X folders")
+    if _checkpoint_in(model_dir) is not None and fold is None:
+        return model_dir
+    folds = sorted(p for p in model_dir.glob("fold_*") if p.is_dir() and _checkpoint_in(p) is not None)
+    if fold is not None:
+        wanted = model_dir / f"fold_{fold}"
+        if wanted in folds:
+            return wanted
+        raise ReportError(
+            f"{wanted} has no checkpoint (found: {', '.join(p.name for p in folds) or 'no trained fold'})"
+        )
+    if len(folds) == 1:
+        return folds[0]
+    if not folds:
+        raise ReportError(
+            f"{model_dir}: no checkpoint_final/latest/best.pth in it or in fold_X/ below it: not a trained model "
+            "folder (give $nnUNet_results/DatasetXXX/<Trainer>__<Plans>__<configuration>, or train first)"
+        )
+    raise ReportError(f"{model_dir} holds {', '.join(p.name for p in folds)}: choose one with -f")
+
+
+def _checkpoint_in(folder: Path) -> Path | None:
+    return next((folder / n for n in CHECKPOINT_ORDER if (folder / n).is_file()), None)
+
+
+def _figure_png(fig: Any) -> str:
+    """A matplotlib figure as a base64 data URI, so the HTML file needs nothing beside it."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _series(logging: dict[str, list[Any]], key: str) -> list[float]:
+    values = []
+    for v in logging.get(key) or []:
+        try:
+            values.append(float(v))
+        except (TypeError, ValueError):
+            values.append(float("nan"))
+    return values
+
+
+def _mark_epochs(ax: Any, warmup: int | None, filter_epochs: list[int]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if warmup:
+        ax.axvline(warmup - 0.5, color="grey", ls=":", lw=1)
+    for e in filter_epochs:
+        ax.axvline(e - 0.5, color=_COLOURS["cut"], ls="--", lw=0.8, alpha=0.6)
+
+
+def learning_curves_png(
+    logging: dict[str, list[Any]],
+    warmup: int | None,
+    filter_epochs: list[int],
+    class_names: dict[int, str] | None = None,
+) -> str | None:
+    """Losses, pseudo-Dice with its moving average (and per class), learning rate, unlabelled weight."""
+    n = len(logging.get("train_losses") or [])
+    if n == 0:
+        return None
+    epochs = list(range(n))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 7.5))
+    ax = axes[0][0]
+    for key, label, style in (
+        ("train_losses", "training loss (total)", {"color": "tab:blue"}),
+        ("sup_losses", "supervised loss", {"color": "tab:cyan", "ls": "--"}),
+        ("unsup_losses", "unsupervised loss", {"color": "tab:orange"}),
+        ("val_losses", "validation loss", {"color": "tab:red"}),
+    ):
+        values = _series(logging, key)[:n]
+        if values:
+            ax.plot(epochs[: len(values)], values, label=label, **style)
+    ax.set_title("losses")
+    ax.legend(fontsize=8)
+    ax = axes[0][1]
+    per_class = logging.get("dice_per_class_or_region") or []
+    for i in range(len(per_class[0]) if per_class else 0):
+        ax.plot(
+            epochs[: len(per_class)],
+            [float(d[i]) for d in per_class[:n]],
+            lw=0.8,
+            ls=":",
+            label=(class_names or {}).get(i + 1, f"class {i + 1}"),
+        )
+    ax.plot(epochs, _series(logging, "mean_fg_dice")[:n], color="tab:green", label="pseudo-Dice (mean foreground)")
+    ax.plot(epochs, _series(logging, "ema_fg_dice")[:n], color="black", lw=2, label="moving average (best checkpoint)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("validation pseudo-Dice")
+    ax.legend(fontsize=8)
+    ax = axes[1][0]
+    ax.plot(epochs, _series(logging, "lrs")[:n], color="tab:purple")
+    ax.set_title("learning rate")
+    ax = axes[1][1]
+    if logging.get("unsup_weight"):
+        ax.plot(epochs, _series(logging, "unsup_weight")[:n], color="tab:purple", label="unlabelled loss weight")
+    if logging.get("confident_fraction"):
+        ax.plot(
+            epochs, _series(logging, "confident_fraction")[:n], color="tab:green", label="unlabelled voxels above tau"
+        )
+    ax.set_ylim(-0.02, 1.02 + max([0.0, *(w for w in _series(logging, "unsup_weight") if w == w)]) - 1.0)
+    ax.set_title("semi-supervised step")
+    ax.legend(fontsize=8)
+    for ax in axes.flat:
+        _mark_epochs(ax, warmup, filter_epochs)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def pool_png(logging: dict[str, list[Any]], rounds: list[dict[str, Any]]) -> str | None:
+    """Unlabelled pool size per epoch; each filter round's drop is annotated."""
+    pool = _series(logging, "pool_size")
+    if not pool or max(pool) <= 0:  # supervised runs log an empty pool
+        return None
+    fig, ax = plt.subplots(figsize=(13, 3.2))
+    ax.step(range(len(pool)), pool, where="mid", color="tab:brown", lw=2)
+    for record in rounds:
+        e = int(record["epoch"])
+        ax.axvline(e - 0.5, color=_COLOURS["cut"], ls="--", lw=0.8)
+        dropped = int(record.get("pool_before", 0)) - int(record.get("pool_after", 0))
+        ax.annotate(f"round {e}: -{dropped}", (e - 0.4, max(pool) * 1.04 + 0.5), fontsize=8, va="bottom")
+    ax.set_ylim(0, max(pool) * 1.2 + 1)
+    ax.set_xlabel("epoch")
+    _mark_epochs(ax, None, [])
+    ax.set_ylabel("cases in the pool")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def filter_cut(record: dict[str, Any]) -> float | None:
+    """The threshold of a round: halfway between the highest dropped and the lowest kept score (None: none dropped)."""
+    cases = record.get("cases") or []
+    dropped = [float(c["score"]) for c in cases if not c.get("kept", True)]
+    kept = [float(c["score"]) for c in cases if c.get("kept", True)]
+    if not dropped:
+        return None
+    if not kept:
+        return max(dropped)
+    return (max(dropped) + min(kept)) / 2.0
+
+
+def round_histogram_png(record: dict[str, Any]) -> str | None:
+    """Score histogram of one filter round, kept and dropped cases stacked, the cut marked."""
+    import numpy as np
+
+    cases = record.get("cases") or []
+    if not cases:
+        return None
+    kept = [float(c["score"]) for c in cases if c.get("kept", True)]
+    dropped = [float(c["score"]) for c in cases if not c.get("kept", True)]
+    values = kept + dropped
+    low, high = min(values), max(values)
+    if high <= low:
+        low, high = low - 0.5 * abs(low or 1) * 1e-3, high + 0.5 * abs(high or 1) * 1e-3
+    width = (high - low) / min(30, max(6, len(values) // 2))
+    cut = filter_cut(record)
+    anchor = low if cut is None else cut  # a bin edge on the cut: no bin mixes dropped and kept cases
+    first = anchor - math.ceil((anchor - low) / width + 1e-9) * width
+    count = math.ceil((high - first) / width + 1e-9) + 1
+    bins = np.array([first + i * width for i in range(count + 1)])
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.hist(
+        [dropped, kept],
+        bins=bins,
+        stacked=True,
+        color=[_COLOURS["dropped"], _COLOURS["kept"]],
+        label=[
+            f"dropped ({len(dropped)})",
+            f"kept ({len(kept)})",
+        ],
+    )
+    if cut is not None:
+        ax.axvline(cut, color=_COLOURS["cut"], lw=2, label=f"cut {cut:.4g}")
+    ax.set_xlabel(f"case score ({record.get('score', 'mean')} voxel entropy)")
+    ax.set_ylabel("cases")
+    ax.set_title(f"filter round at epoch {record['epoch']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+# ----- evaluation summaries ---------------------------------------------------------------------------------------
+def _is_our_evaluation(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("cases"), list) and "per_class" in data and "labels" in data
+
+
+def find_evaluation(fold_dir: Path) -> Path | None:
+    """The newest ``nnfiltermatch evaluate -o`` summary in the fold or model folder, if any."""
+    candidates = []
+    for folder in (fold_dir, fold_dir.parent):
+        for path in folder.glob("*.json"):
+            if path.name in _NOT_EVALUATIONS:
+                continue
+            try:
+                if _is_our_evaluation(json.loads(path.read_text())):
+                    candidates.append(path)
+            except (OSError, ValueError):
+                continue
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
+def evaluation_table(data: dict[str, Any], labels: dict[int, str]) -> tuple[list[str], list[list[str]], str]:
+    """Per-case rows, worst mean Dice first: (header, rows, note)."""
+    by_case: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in data.get("cases") or []:
+        by_case.setdefault(str(row["case"]), {})[int(row["label"])] = row
+    classes = [int(v) for v in data.get("labels") or sorted({k for r in by_case.values() for k in r})]
+
+    def number(value: Any, digits: int) -> str:
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    def mean_dice(rows: dict[int, dict[str, Any]]) -> float:
+        values = [float(rows[c]["dice"]) for c in classes if c in rows and rows[c].get("dice") is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    ordered = sorted(by_case.items(), key=lambda kv: (mean_dice(kv[1]), kv[0]))
+    header = ["case", "mean Dice"]
+    for c in classes:
+        name = labels.get(c, f"class {c}")
+        header += [f"{name} Dice", f"{name} HD95"]
+    rows = []
+    for case, per in ordered:
+        cells = [case, number(mean_dice(per), 4)]
+        for c in classes:
+            cells += [number((per.get(c) or {}).get("dice"), 4), number((per.get(c) or {}).get("hd95"), 2)]
+        rows.append(cells)
+    means = data.get("per_class") or {}
+    summary = "; ".join(
+        f"{labels.get(c, f'class {c}')}: Dice {number((means.get(str(c)) or {}).get('mean', {}).get('dice'), 4)}"
+        for c in classes
+    )
+    units = "mm" if data.get("units") == "mm" else "voxels"
+    note = f"{len(rows)} cases, distances in {units}; mean per class: {summary}"
+    return header, rows, note
+
+
+# ----- assembling the page ----------------------------------------------------------------------------------------
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1240px;
+       color: #222; background: #fff; line-height: 1.4; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { border-bottom: 2px solid #ddd; padding-bottom: 4px; margin-top: 1.8em; }
+h3 { margin-bottom: 0.3em; }
+table { border-collapse: collapse; margin: 8px 0 16px 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+th { background: #f0f3f7; } tr:nth-child(even) td { background: #fafafa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; border: 1px solid #eee; }
+.meta td:first-child { font-weight: 600; } .note { color: #555; font-size: 0.9em; }
+nav a { margin-right: 14px; } .round { display: flex; gap: 18px; align-items: flex-start; flex-wrap: wrap; }
+.dropped td { background: #fff4e6 !important; }
+"""
+
+
+def _table(header: list[str] | None, rows: list[list[str]], numeric_from: int = 1, css: str = "") -> str:
+    import html
+
+    head = "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>" if header else ""
+    body = []
+    for row in rows:
+        cells = "".join(
+            f'<td class="num">{html.escape(str(c))}</td>' if i >= numeric_from else f"<td>{html.escape(str(c))}</td>"
+            for i, c in enumerate(row)
+        )
+        body.append(f"<tr>{cells}</tr>")
+    cls = f' class="{css}"' if css else ""
+    return f"<table{cls}>{head}<tbody>{''.join(body)}</tbody></table>"
+
+
+def _best(values: list[float]) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    return f"{max(finite):.4f} (epoch {values.index(max(finite))})" if finite else "n/a"
+
+
+def _config_value(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return "" if value is None else str(value)
+
+
+def build_report(
+    model_dir: Path, output: Path | None = None, evaluation: Path | None = None, fold: str | int | None = None
+) -> Path:
+    """Write one self-contained HTML page about a trained fold; returns its path (default ``fold_X/report.html``)."""
+    import html
+    import time
+
+    from nnfiltermatch.inference import load_checkpoint_safely
+
+    fold_dir = resolve_fold_dir(model_dir, fold)
+    checkpoint_path = _checkpoint_in(fold_dir)
+    assert checkpoint_path is not None
+    checkpoint = load_checkpoint_safely(checkpoint_path)
+    logging: dict[str, list[Any]] = checkpoint.get("logging") or {}
+    state = (checkpoint.get("init_args") or {}).get("nnfiltermatch_state") or {}
+    config_file = fold_dir / "nnfiltermatch_config.json"
+    config: dict[str, Any] = (
+        json.loads(config_file.read_text()) if config_file.is_file() else dict(state.get("config") or {})
+    )
+    rounds = _rounds(fold_dir, state)
+    dataset_json_file = fold_dir.parent / "dataset.json"
+    labels: dict[int, str] = {}
+    if dataset_json_file.is_file():
+        for name, value in (json.loads(dataset_json_file.read_text()).get("labels") or {}).items():
+            if isinstance(value, int) and value > 0:
+                labels[value] = str(name)
+    if evaluation is None:
+        evaluation = find_evaluation(fold_dir)
+    elif not Path(evaluation).is_file():
+        raise ReportError(
+            f"--evaluation {evaluation} does not exist: give the JSON written by `nnfiltermatch evaluate -o`"
+        )
+    evaluation_data = None
+    if evaluation is not None:
+        try:
+            evaluation_data = json.loads(Path(evaluation).read_text())
+        except (OSError, ValueError) as exc:
+            raise ReportError(f"--evaluation {evaluation}: cannot read it as JSON ({exc})") from exc
+        if not _is_our_evaluation(evaluation_data):
+            raise ReportError(
+                f"--evaluation {evaluation} is not a summary of `nnfiltermatch evaluate -o` (no cases/per_class/labels)"
+            )
+
+    warmup = config.get("warmup_epochs")
+    filter_epochs = [int(r["epoch"]) for r in rounds]
+    epochs_done = len(logging.get("train_losses") or [])
+    sections: list[tuple[str, str, str]] = []  # (anchor, title, html)
+
+    timestamps = list(zip(logging.get("epoch_start_timestamps") or [], logging.get("epoch_end_timestamps") or []))
+    epoch_seconds = [float(b) - float(a) for a, b in timestamps]
+    meta = [
+        ["model folder", str(fold_dir.parent)],
+        ["fold", fold_dir.name.removeprefix("fold_")],
+        ["trainer", str(checkpoint.get("trainer_name", ""))],
+        ["mode", str(state.get("mode") or config.get("mode") or "")],
+        ["configuration", str((checkpoint.get("init_args") or {}).get("configuration", ""))],
+        ["checkpoint read", f"{checkpoint_path.name} (epochs completed: {checkpoint.get('current_epoch')})"],
+        ["epochs", f"{epochs_done} of {config.get('epochs', '?')} planned"],
+        ["labelled fraction", str(config.get("labeled_fraction"))],
+        [
+            "unlabelled pool",
+            f"{int(_series(logging, 'pool_size')[0])} at the start, {len(state['pool'])} now"
+            if logging.get("pool_size") and state.get("pool") is not None
+            else "not used",
+        ],
+        [
+            "best pseudo-Dice (moving average)",
+            _best(_series(logging, "ema_fg_dice")),
+        ],
+        [
+            "time per epoch (median)",
+            f"{sorted(epoch_seconds)[len(epoch_seconds) // 2]:.1f} s" if epoch_seconds else "n/a",
+        ],
+    ]
+    sections.append(("summary", "Summary", _table(None, meta, numeric_from=2, css="meta")))
+
+    curves = learning_curves_png(logging, warmup, filter_epochs, labels)
+    body = (
+        f'<img alt="learning curves" src="{curves}">'
+        f'<p class="note">Dotted grey line: end of warm-up; dashed red lines: filter rounds.</p>'
+        if curves
+        else "<p>No epoch was logged.</p>"
+    )
+    sections.append(("curves", "Learning curves", body))
+
+    pool = pool_png(logging, rounds)
+    sections.append(
+        ("pool", "Unlabelled pool", f'<img alt="pool size" src="{pool}">' if pool else "<p>No unlabelled pool.</p>")
+    )
+
+    parts = []
+    for record in rounds:
+        hist = round_histogram_png(record)
+        cut = filter_cut(record)
+        dropped = sorted(
+            (c for c in record.get("cases") or [] if not c.get("kept", True)), key=lambda c: float(c["score"])
+        )
+        listing = (
+            _table(["dropped case", "score"], [[c["case"], f"{float(c['score']):.5g}"] for c in dropped], css="dropped")
+            if dropped
+            else "<p>No case dropped.</p>"
+        )
+        scoring = html.escape(str(record.get("scoring", "window")))
+        info = (
+            f"pool {record.get('pool_before')} &rarr; {record.get('pool_after')}, scored by {scoring} in "
+            f"{float(record.get('seconds', 0.0)):.1f} s; cut {'n/a' if cut is None else f'{cut:.5g}'}"
+        )
+        image = f'<img alt="filter round {record["epoch"]}" src="{hist}">' if hist else ""
+        parts.append(
+            f'<h3>Round at epoch {int(record["epoch"])}</h3><p class="note">{info}</p>'
+            f'<div class="round"><div>{image}</div><div>{listing}</div></div>'
+        )
+    sections.append(("rounds", "Filter rounds", "".join(parts) if parts else "<p>No filter round in this run.</p>"))
+
+    config_rows = [[k, _config_value(v)] for k, v in sorted(config.items())]
+    sections.append(
+        (
+            "config",
+            "Configuration",
+            (f'<p class="note">{html.escape(str(config_file if config_file.is_file() else "from the checkpoint"))}</p>')
+            + _table(["option", "value"], config_rows, numeric_from=2),
+        )
+    )
+
+    if evaluation_data is not None:
+        header, rows, note = evaluation_table(evaluation_data, labels)
+        sections.append(
+            (
+                "evaluation",
+                "Per-case evaluation (worst first)",
+                f'<p class="note">{html.escape(str(evaluation))}: {html.escape(note)}</p>' + _table(header, rows),
+            )
+        )
+    else:
+        sections.append(
+            (
+                "evaluation",
+                "Per-case evaluation",
+                "<p>No evaluation summary found: predict a labelled test set and run <code>nnfiltermatch evaluate -r "
+                "labelsTs -p predictions -o summary.json</code>, then pass <code>--evaluation summary.json</code> (or "
+                "save it in the model folder).</p>",
+            )
+        )
+
+    nav = " ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t, _ in sections)
+    content = "".join(f'<section id="{a}"><h2>{html.escape(t)}</h2>{b}</section>' for a, t, b in sections)
+    title = f"nnfiltermatch report: {fold_dir.parent.parent.name} / {fold_dir.parent.name} / {fold_dir.name}"
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f'<p class="note">Written {time.strftime("%Y-%m-%d %H:%M")} from {html.escape(str(checkpoint_path))}</p>'
+        f"<nav>{nav}</nav>{content}</body></html>\n"
+    )
+    target = Path(output) if output is not None else fold_dir / REPORT_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(target)
+    return target
+
+
+def _rounds(fold_dir: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Filter rounds from the checkpoint, completed by the round files (a round after the last save is only there)."""
+    rounds = {int(r["epoch"]): dict(r) for r in state.get("filter_rounds") or []}
+    for path in sorted((fold_dir / "filter_rounds").glob("epoch_*.json")):
+        try:
+            record = json.loads(path.read_text())
+            rounds.setdefault(int(record["epoch"]), record)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return [rounds[e] for e in sorted(rounds)]

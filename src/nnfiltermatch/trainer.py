@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, resolve_config
 from nnfiltermatch.pseudo_labels import ema_update, pseudo_labels_for_scales, ramp_weight
 from nnfiltermatch.uncertainty import reduce_case_score, select_cases_to_drop, voxel_entropy
@@ -70,6 +73,8 @@ class SemiSupervisedLoss(nn.Module):
             unsup_args = (unsup_args[0][0], unsup_args[1][0])
         sup = self.supervised(*sup_args)
         unsup = self.unsupervised(*unsup_args)
+        if not torch.is_tensor(unsup):  # nnU-Net returns a plain 0 when every pseudo-label voxel is ignored
+            unsup = sup.new_zeros(())
         self.last = {"sup": float(sup.detach()), "unsup": float(unsup.detach())}
         return sup + self.weight * unsup
 
@@ -93,7 +98,15 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             raise ValueError(f"{type(self).__name__} runs mode {self.mode!r}, the configuration says {fm.mode!r}")
         if fm.batch_size is not None:
             plans["configurations"][configuration]["batch_size"] = fm.batch_size
-        super().__init__(plans, configuration, fold, dataset_json, device)
+        with warnings.catch_warnings():
+            if device.type == "cpu":  # under DDP nnU-Net builds a CUDA GradScaler, dropped below: no need to warn
+                warnings.filterwarnings("ignore", message="torch.cuda.amp.GradScaler is enabled")
+            super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type == "cpu":
+            # nnU-Net assumes DDP means CUDA and forces cuda:<rank> (and a CUDA grad scaler); keep the CPU the
+            # caller asked for, so DDP over gloo runs on CPU processes.
+            self.device = device
+            self.grad_scaler = None
         if self.label_manager.has_regions:
             raise ValueError(
                 "region-based datasets (regions in dataset.json labels) are not supported by nnfiltermatch"
@@ -130,12 +143,17 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
     def initialize(self) -> None:
         if self.was_initialized:
             return
-        super().initialize()
+        if self.is_ddp and self.device.type == "cpu":
+            self._initialize_cpu_ddp()
+        else:
+            super().initialize()
         unsupervised: nn.Module = DC_and_CE_loss(
             {"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": self.is_ddp},
             {},
             weight_ce=1,
-            weight_dice=1,
+            # Dice on pseudo-labels pushes a class the teacher missed in a patch towards zero everywhere in it: at
+            # small compute this erased the smaller Hippocampus class, so the default is cross-entropy only.
+            weight_dice=1 if self.fm.unsup_loss == "dice_ce" else 0,
             ignore_label=self.ignore_index,
             dice_class=MemoryEfficientSoftDiceLoss,
         )
@@ -144,6 +162,23 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         self.loss = SemiSupervisedLoss(self.loss, unsupervised)
         if self.fm.uses_unlabeled and self.fm.teacher == "ema":
             self.teacher = copy.deepcopy(self.plain_network()).requires_grad_(False)
+
+    def _initialize_cpu_ddp(self) -> None:
+        """nnU-Net's ``initialize`` with a CPU-capable DDP wrapper.
+
+        nnU-Net wraps ``DDP(network, device_ids=[rank])``, which DDP rejects for a CPU module. So nnU-Net initialises
+        as a single process, then its three DDP steps are applied here: per-rank batch size and oversampling, the DDP
+        wrapper without ``device_ids``, the loss with ``ddp=True``. SyncBatchNorm is left out: it is CUDA-only, and
+        nnU-Net's networks use instance norm, which has nothing to synchronise.
+        """
+        self.is_ddp = False
+        try:
+            super().initialize()
+        finally:
+            self.is_ddp = True
+        self._set_batch_size_and_oversample()
+        self.network = DistributedDataParallel(self.network)
+        self.loss = self._build_loss()
 
     def get_dataloaders(self):
         train, val = super().get_dataloaders()
@@ -158,6 +193,11 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
                 )
             self.dataloader_unlabeled = self._build_unlabeled_loader()
         return train, val
+
+    @property
+    def unlabeled_batch_size(self) -> int:
+        """From this process's labelled batch: under DDP nnU-Net splits the global batch, so this splits too."""
+        return max(1, round(self.fm.unlabeled_ratio * self.batch_size))
 
     def _build_unlabeled_loader(self):
         rotation, dummy_2d, initial_patch_size, mirror_axes = (
@@ -175,12 +215,11 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             regions=None,
             ignore_label=self.label_manager.ignore_label,
         )
-        batch_size = max(1, round(self.fm.unlabeled_ratio * self.batch_size))
         assert self.pool is not None
         return make_unlabeled_loader(
             self.unlabeled_folder,
             self.pool,
-            batch_size,
+            self.unlabeled_batch_size,
             initial_patch_size,
             self.configuration_manager.patch_size,
             self.label_manager,
@@ -211,7 +250,8 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self._epoch_stats = []
-        self._view_rng.manual_seed(self.fm.seed * 1_000_003 + self.current_epoch)
+        # per rank, so DDP ranks draw different strong views (rank 0, and a single process, are unchanged)
+        self._view_rng.manual_seed(self.fm.seed * 1_000_003 + self.current_epoch + 7_919 * self.local_rank)
         due = self.current_epoch in self.fm.filter_epochs
         if due and not any(r["epoch"] == self.current_epoch for r in self.filter_rounds):
             self.run_filter_round()
@@ -296,6 +336,23 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         if self.dataloader_unlabeled is not None:
             shutdown_loader(self.dataloader_unlabeled)
             self.dataloader_unlabeled = None
+        distributed.maybe_write_rank_digest(self.rank_digest())
+
+    def rank_digest(self) -> dict[str, Any]:
+        """What must agree across DDP ranks at the end (pool, rounds, weights), plus what must not (data seen)."""
+        return {
+            "device": str(self.device),
+            "batch_size": self.batch_size,
+            "unlabeled_batch_size": self.unlabeled_batch_size if self.fm.uses_unlabeled else 0,
+            "pool": list(self.pool) if self.pool is not None else None,
+            "filter_rounds": [
+                {"epoch": r["epoch"], "dropped": sorted(c["case"] for c in r["cases"] if not c["kept"])}
+                for r in self.filter_rounds
+            ],
+            "student": distributed.state_digest(self.plain_network()),
+            "teacher": distributed.state_digest(self.teacher),
+            "running_cases": sorted(self.running_scores),
+        }
 
     # ----- the filter ---------------------------------------------------------------------------------------
     def score_pool(self, case_ids: list[str]) -> dict[str, float]:
@@ -348,22 +405,31 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             entry[0] += reduce_case_score(case_entropy, self.fm.score, self.fm.topk_fraction)
             entry[1] += 1
 
+    def _score_shared(self, case_ids: list[str]) -> dict[str, float]:
+        """Window scores of ``case_ids`` on every rank; under DDP each case is scored by one rank only."""
+        mine = distributed.shard(case_ids)
+        return distributed.gather_scores(self.score_pool(mine) if mine else {})
+
     def run_filter_round(self) -> dict[str, Any]:
-        """Score the pool, drop the most confident fraction, rebuild the unlabelled loader, record the round."""
+        """Score the pool, drop the most confident fraction, rebuild the unlabelled loader, record the round.
+
+        Under DDP the ranks share the scoring and merge their running scores, rank 0's decision is broadcast, and
+        every rank rebuilds its loader on the same pool before a barrier.
+        """
         assert self.pool is not None
         start = time.time()
         before = list(self.pool)
         sources = dict.fromkeys(before, "window")
         if self.fm.filter_scoring == "running":
-            running = {c: v[0] / v[1] for c, v in self.running_scores.items() if c in sources and v[1] > 0}
+            merged = distributed.gather_running_scores(self.running_scores)
+            running = {c: v[0] / v[1] for c, v in merged.items() if c in sources and v[1] > 0}
             sources.update(dict.fromkeys(running, "running"))
             unseen = [c for c in before if c not in running]
-            scores = {**running, **(self.score_pool(unseen) if unseen else {})}
+            scores = {**running, **self._score_shared(unseen)}
             self.running_scores = {}
         else:
-            scores = self.score_pool(before)
+            scores = self._score_shared(before)
         dropped = set(select_cases_to_drop(scores, self.fm.filter_drop))
-        self.pool = [c for c in before if c not in dropped]
         seconds = time.time() - start
         record = {
             "epoch": self.current_epoch,
@@ -372,12 +438,17 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             "mirroring": self.fm.filter_mirroring,
             "tile_step": self.fm.filter_tile_step,
             "pool_before": len(before),
-            "pool_after": len(self.pool),
+            "pool_after": len(before) - len(dropped),
             "seconds": round(seconds, 3),
             "cases": [
                 {"case": c, "score": scores[c], "kept": c not in dropped, "source": sources[c]} for c in sorted(before)
             ],
         }
+        if distributed.is_distributed():
+            record["world_size"] = distributed.world_size()
+            record = distributed.broadcast_from_rank0(record)  # rank 0 decides; every rank follows
+            dropped = {c["case"] for c in record["cases"] if not c["kept"]}
+        self.pool = [c for c in before if c not in dropped]
         self.filter_rounds.append(record)
         if self.local_rank == 0:
             folder = Path(self.output_folder) / FILTER_DIRNAME
@@ -387,12 +458,13 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             tmp.write_text(json.dumps(record, indent=2))
             tmp.replace(target)
         self.print_to_log_file(
-            f"Filter round at epoch {self.current_epoch}: scored {len(before)} cases in {seconds:.1f} s, dropped "
-            f"{len(dropped)} ({', '.join(sorted(dropped))}), pool now {len(self.pool)}"
+            f"Filter round at epoch {self.current_epoch}: scored {len(before)} cases in {record['seconds']:.1f} s, "
+            f"dropped {len(dropped)} ({', '.join(sorted(dropped))}), pool now {len(self.pool)}"
         )
         if self.dataloader_unlabeled is not None:
             shutdown_loader(self.dataloader_unlabeled)
             self.dataloader_unlabeled = self._build_unlabeled_loader()
+        distributed.barrier()
         return record
 
     # ----- checkpoints --------------------------------------------------------------------------------------
@@ -403,7 +475,8 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             "trainer_class": f"{type(self).__module__}.{type(self).__name__}",
             "pool": list(self.pool) if self.pool is not None else None,
             "filter_rounds": copy.deepcopy(self.filter_rounds),
-            "running_scores": copy.deepcopy(self.running_scores),
+            # every rank's running scores (sums and counts merged); on resume rank 0 alone carries them on
+            "running_scores": distributed.gather_running_scores(self.running_scores),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
         }
 
@@ -417,7 +490,8 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             super().save_checkpoint(partial)
         finally:
             self.my_init_kwargs.pop(STATE_KEY, None)
-        if os.path.isfile(partial):
+        # only the writer renames: under DDP another rank must not move rank 0's half-written file
+        if self.local_rank == 0 and os.path.isfile(partial):
             os.replace(partial, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
@@ -437,7 +511,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             raise RuntimeError(f"checkpoint is from mode {state['mode']!r}, this trainer runs {self.mode!r}")
         self.pool = state["pool"]
         self.filter_rounds = state["filter_rounds"]
-        self.running_scores = state.get("running_scores", {})
+        self.running_scores = state.get("running_scores", {}) if self.local_rank == 0 else {}
         if self.teacher is not None and state["teacher"] is not None:
             self.teacher.load_state_dict(state["teacher"])
         for key in SSL_LOG_KEYS:

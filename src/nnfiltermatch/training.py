@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig
 from nnfiltermatch.preparation import PreparationError, env_folder, load_prepared, preprocessed_root
 
@@ -88,13 +89,69 @@ def train(
     overwrite: bool = False,
     final_validation: bool = True,
     explicit_options: set[str] | None = None,
+    num_processes: int = 1,
+    backend: str | None = None,
 ) -> TrainResult:
     """Train one fold of one mode; refuses to clobber a finished or running model unless told to.
 
     With ``continue_training`` the configuration stored beside the checkpoint is used, so the resumed run filters
     on the same schedule; only ``epochs`` may be changed (to extend a run), other explicit options are refused.
+    ``num_processes`` > 1 spawns that many DDP processes (one per GPU on CUDA, gloo processes on CPU), as nnU-Net's
+    ``-num_gpus`` does; a process started by torchrun joins torchrun's process group instead.
     """
     torch_device = configure_runtime(device)  # before nnU-Net's configuration module reads the variables
+    owns_group = _check_and_join_group(device, num_processes, backend)
+    try:
+        return _train(
+            dataset_name,
+            configuration,
+            fold,
+            config,
+            device,
+            torch_device,
+            continue_training,
+            overwrite,
+            final_validation,
+            explicit_options,
+            num_processes,
+            backend,
+        )
+    finally:
+        if owns_group:
+            distributed.destroy()
+
+
+def _check_and_join_group(device: str, num_processes: int, backend: str | None) -> bool:
+    """Refuse impossible multi-process requests before any work; join torchrun's group. True: we created it."""
+    if num_processes < 1:
+        raise PreparationError(f"--num-gpus {num_processes}: give 1 or more")
+    launched = distributed.launched_by_torchrun()
+    if launched and num_processes not in (1, int(os.environ["WORLD_SIZE"])):
+        raise PreparationError(
+            f"--num-gpus {num_processes} under torchrun with {os.environ['WORLD_SIZE']} processes: torchrun decides "
+            "the number of processes (--nproc-per-node); leave --num-gpus out"
+        )
+    if launched or num_processes > 1:
+        distributed.check_backend(device, backend)
+    if not launched and num_processes > 1 and device == "cuda" and num_processes > torch.cuda.device_count():
+        raise PreparationError(f"--num-gpus {num_processes}: only {torch.cuda.device_count()} GPUs are visible")
+    return distributed.init_from_env(device, backend)
+
+
+def _train(
+    dataset_name: str,
+    configuration: str,
+    fold: int | str,
+    config: TrainConfig,
+    device: str,
+    torch_device: torch.device,
+    continue_training: bool,
+    overwrite: bool,
+    final_validation: bool,
+    explicit_options: set[str] | None,
+    num_processes: int,
+    backend: str | None,
+) -> TrainResult:
     from nnfiltermatch.trainer import TRAINERS
 
     prepared = load_prepared(dataset_name)
@@ -127,7 +184,7 @@ def train(
         raise PreparationError(
             f"{out} already holds {', '.join(existing)}: pass --continue to resume it or --overwrite to start again"
         )
-    if overwrite and not continue_training and out.exists():
+    if overwrite and not continue_training and out.exists() and distributed.rank() == 0:
         for child in out.iterdir():
             if child.is_file() and (
                 child.suffix in (".pth", ".png", ".json", ".txt") or child.name.endswith(".partial")
@@ -137,6 +194,8 @@ def train(
         if filter_dir.is_dir():
             for child in filter_dir.iterdir():
                 child.unlink()
+
+    distributed.barrier()  # under torchrun: no rank starts before rank 0 has cleared the folder
 
     stored_config = out / CONFIG_FILENAME
     if continue_training and stored_config.is_file():
@@ -159,7 +218,52 @@ def train(
         stored.validate()
         config = stored
 
-    seed_everything(config.seed)
+    result = TrainResult(output_folder=out, final_checkpoint=out / "checkpoint_final.pth")
+    if num_processes > 1 and not distributed.is_distributed():
+        distributed.spawn(
+            num_processes,
+            _spawned_worker,
+            (dataset_name, configuration, fold, config, device, backend, continue_training, out, final_validation),
+        )
+        return result
+    _run_trainer(dataset_name, configuration, fold, config, torch_device, continue_training, out, final_validation)
+    return result
+
+
+def _spawned_worker(
+    dataset_name: str,
+    configuration: str,
+    fold: int | str,
+    config: TrainConfig,
+    device: str,
+    backend: str | None,
+    continue_training: bool,
+    out: Path,
+    final_validation: bool,
+) -> None:
+    """One process of a ``--num-gpus N`` run: the parent checked and cleared the folder; join the group and train."""
+    torch_device = configure_runtime(device)
+    owns_group = distributed.init_from_env(device, backend)
+    try:
+        _run_trainer(dataset_name, configuration, fold, config, torch_device, continue_training, out, final_validation)
+    finally:
+        if owns_group:
+            distributed.destroy()
+
+
+def _run_trainer(
+    dataset_name: str,
+    configuration: str,
+    fold: int | str,
+    config: TrainConfig,
+    torch_device: torch.device,
+    continue_training: bool,
+    out: Path,
+    final_validation: bool,
+) -> None:
+    # a different seed per DDP rank, so ranks draw different batches (nnU-Net's loaders sample at random; DDP
+    # broadcasts rank 0's initial weights, so the model does not depend on it); rank 0 keeps the single-process seed
+    seed_everything(config.seed + distributed.rank())
     trainer = build_trainer(dataset_name, configuration, fold, config, torch_device, continue_training)
     if continue_training:
         checkpoint = next(
@@ -178,4 +282,3 @@ def train(
     trainer.run_training()
     if final_validation:
         trainer.perform_actual_validation(save_probabilities=False)
-    return TrainResult(output_folder=out, final_checkpoint=out / "checkpoint_final.pth")

@@ -1,0 +1,420 @@
+"""Active learning: the query ranking on a tiny real model, reuse of filter scores, and prepare --add-labels.
+
+The session's prepared Hippocampus tree is copied with 10 of its 36 unlabelled cases (plans come from the labelled
+cases only, so the copy is exactly what prepare would write for it); a tiny filtermatch model (2 epochs, one filter
+round) is trained on it in a subprocess, so nnU-Net's import-time path globals never point at this copy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIG, DATASET, LABELED, SUBSET
+from nnfiltermatch.cli import main
+from nnfiltermatch.inventory import DataValidationError, build_inventory
+from nnfiltermatch.preparation import (
+    LABELED_LIST_NAME,
+    MANIFEST_NAME,
+    PreparationError,
+    _inputs_digest,
+    add_labels,
+)
+from nnfiltermatch.query import (
+    STATE_KEY,
+    QueryError,
+    bounding_box,
+    case_score,
+    collect_filter_rounds,
+    decide_reuse,
+    flip_combinations,
+    most_uncertain_slice,
+    ranking_columns,
+    run_query,
+)
+
+TRAINER_DIR = f"nnFilterMatchTrainer__nnUNetPlans__{CONFIG}"
+N_UNLABELED = 10
+TRAIN_ARGS = [
+    "train", "-d", "901", "-c", CONFIG, "-f", "all", "--mode", "filtermatch", "--device", "cpu",
+    "--epochs", "2", "--iters-per-epoch", "3", "--val-iters-per-epoch", "1", "--warmup-epochs", "1",
+    "--filter-start", "1", "--teacher", "student", "--filter-tile-step", "1.0", "--no-final-validation",
+]  # fmt: skip
+
+
+# ----- a small prepared tree and a tiny model ---------------------------------------------------------------------
+def nnunet_env(root: Path) -> dict[str, str]:
+    return {
+        "nnUNet_raw": str(root / "raw"),
+        "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"),
+        "nnUNet_compile": "0",
+        "nnUNet_n_proc_DA": "1",
+        "nnUNet_def_n_proc": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def small_prepared_tree(prepared: Path, root: Path, n_unlabeled: int, to_unlabeled_folder: int = 0) -> list[str]:
+    """Copy the session's prepared tree keeping ``n_unlabeled`` unlabelled cases; returns their IDs.
+
+    The first ``to_unlabeled_folder`` of them are moved to imagesUnlabeled/ (no label file), the layout of a real
+    dataset. The manifest gets the digest prepare computes for the copy (its raw path and case list changed).
+    """
+    for name in ("raw", "preprocessed"):
+        shutil.copytree(prepared / name, root / name)
+    (root / "results").mkdir()
+    shutil.copy(prepared / "labeled.txt", root / "labeled.txt")
+    raw, pre = root / "raw" / DATASET, root / "preprocessed" / DATASET
+    manifest = json.loads((pre / MANIFEST_NAME).read_text())
+    keep = sorted(manifest["unlabeled_ids"])[:n_unlabeled]
+    for case in set(manifest["unlabeled_ids"]) - set(keep):
+        (raw / "imagesTr" / f"{case}_0000.nii.gz").unlink()
+        (raw / "labelsTr" / f"{case}.nii.gz").unlink()
+        for folder in (pre / "unlabeled").iterdir():
+            for suffix in (".b2nd", ".pkl"):
+                (folder / f"{case}{suffix}").unlink(missing_ok=True)
+    if to_unlabeled_folder:
+        (raw / "imagesUnlabeled").mkdir()
+        for case in keep[:to_unlabeled_folder]:
+            shutil.move(raw / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesUnlabeled" / f"{case}_0000.nii.gz")
+            (raw / "labelsTr" / f"{case}.nii.gz").unlink()
+    (pre / "splits_final.json").unlink(missing_ok=True)
+    inventory = build_inventory(raw, LABELED, check_contents=False, progress=False)
+    manifest.update(unlabeled_ids=inventory.unlabeled_ids, inputs_digest=_inputs_digest(inventory, "nnUNetPlans"))
+    (pre / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    return keep
+
+
+def run_cli_subprocess(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "nnfiltermatch.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def train_tiny_model(prepared: Path, root: Path, n_unlabeled: int = N_UNLABELED) -> tuple[Path, list[str]]:
+    """A small tree and a 2-epoch filtermatch model with one filter round (epoch 1); returns (model dir, cases)."""
+    cases = small_prepared_tree(prepared, root, n_unlabeled)
+    run_cli_subprocess(TRAIN_ARGS, nnunet_env(root))
+    return root / "results" / DATASET / TRAINER_DIR, cases
+
+
+@dataclass
+class Model:
+    root: Path
+    model_dir: Path
+    cases: list[str]
+
+
+@pytest.fixture(scope="module")
+def model(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
+    root = tmp_path_factory.mktemp("query")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in nnunet_env(root).items():
+            mp.setenv(key, value)
+        torch.set_num_threads(1)
+        try:
+            model_dir, cases = train_tiny_model(prepared, root)
+            yield Model(root, model_dir, cases)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ----- pure pieces ------------------------------------------------------------------------------------------------
+def test_bounding_box_grows_by_margin_and_clips() -> None:
+    mask = np.zeros((10, 12, 8), dtype=bool)
+    mask[3, 4, 2] = mask[5, 7, 3] = True
+    assert bounding_box(mask) == (slice(3, 6), slice(4, 8), slice(2, 4))
+    assert bounding_box(mask, margin=2) == (slice(1, 8), slice(2, 10), slice(0, 6))
+    assert bounding_box(mask, margin=20) == (slice(0, 10), slice(0, 12), slice(0, 8))
+    assert bounding_box(np.zeros((4, 4))) is None
+    assert bounding_box(torch.tensor([[0, 0], [0, 2]]), 0) == (slice(1, 2), slice(1, 2))
+    with pytest.raises(ValueError, match="margin"):
+        bounding_box(mask, -1)
+
+
+def test_roi_score_uses_the_box_and_falls_back_to_the_whole_image() -> None:
+    umap = torch.zeros(6, 6, 6)
+    umap[2:4, 2:4, 2:4] = 1.0
+    prediction = torch.zeros(6, 6, 6, dtype=torch.long)
+    prediction[2:4, 2:4, 2:4] = 1
+    assert case_score(umap, prediction, roi=False) == pytest.approx(8 / 216)
+    assert case_score(umap, prediction, roi=True, roi_margin=0) == pytest.approx(1.0)
+    assert case_score(umap, prediction, roi=True, roi_margin=1) == pytest.approx(8 / 64)
+    assert case_score(umap, torch.zeros_like(prediction), roi=True) == pytest.approx(8 / 216)  # nothing predicted
+    assert most_uncertain_slice(umap) in (2, 3)
+    assert flip_combinations((0, 1, 2))[0] == () and len(flip_combinations((0, 1, 2))) == 8
+    assert flip_combinations(None) == [()]
+
+
+def _state(teacher: str = "student") -> dict:
+    return {"init_args": {STATE_KEY: {"config": {"mode": "filtermatch", "teacher": teacher, "topk_fraction": 0.1}}}}
+
+
+def _round(epoch: int, **extra: object) -> dict:
+    cases = [
+        {"case": "a", "score": 0.5, "kept": True, "source": "window"},
+        {"case": "b", "score": 0.7, "kept": True, "source": "running"},
+    ]
+    return {"epoch": epoch, "score": "mean", "mirroring": False, "tile_step": 1.0, "cases": cases, **extra}
+
+
+def test_reuse_decision_requires_the_same_network_and_procedure() -> None:
+    ckpt = {**_state(), "current_epoch": 2}
+    same = {"score": "entropy", "reduce": "mean", "topk_fraction": 0.1, "roi": False, "step_size": 1.0}
+    decision = decide_reuse(ckpt, [_round(1), _round(2)], **same)
+    assert decision.reused and decision.scores == {"a": 0.5} and decision.epoch == 2  # running-scored b recomputed
+    refusals = {
+        "changed since": (ckpt | {"current_epoch": 3}, [_round(1), _round(2)], same),
+        "EMA teacher": ({**_state("ema"), "current_epoch": 2}, [_round(2)], same),
+        "scores margin": (ckpt, [_round(2)], same | {"score": "margin"}),
+        "--roi": (ckpt, [_round(2)], same | {"roi": True}),
+        "reduced per case by mean": (ckpt, [_round(2)], same | {"reduce": "topk"}),
+        "tile step": (ckpt, [_round(2)], same | {"step_size": 0.5}),
+        "with mirroring": (ckpt, [_round(2, mirroring=True)], same),
+        "no filter round": (ckpt, [], same),
+    }
+    for reason, (checkpoint, rounds, options) in refusals.items():
+        decision = decide_reuse(checkpoint, rounds, **options)
+        assert not decision.reused and reason in decision.reason, (reason, decision.reason)
+    assert "never" in decide_reuse(ckpt, [_round(2)], **same, policy="never").reason
+    assert "ensembles 2" in decide_reuse(ckpt, [_round(2)], **same, n_folds=2).reason
+    with pytest.raises(QueryError, match="--reuse-filter-scores"):
+        decide_reuse(ckpt, [_round(2)], **same, policy="always")
+
+
+def test_rounds_from_checkpoint_and_later_round_files(tmp_path: Path) -> None:
+    (tmp_path / "filter_rounds").mkdir()
+    (tmp_path / "filter_rounds" / "epoch_0001.json").write_text(json.dumps(_round(1, seconds=99)))
+    (tmp_path / "filter_rounds" / "epoch_0002.json").write_text(json.dumps(_round(2)))
+    (tmp_path / "filter_rounds" / "epoch_0003.json").write_text("{truncated")
+    ckpt = {"init_args": {STATE_KEY: {"filter_rounds": [_round(1)]}}}
+    rounds = collect_filter_rounds(tmp_path, ckpt)
+    assert [r["epoch"] for r in rounds] == [1, 2] and "seconds" not in rounds[0]  # the checkpoint's round wins
+
+
+# ----- the query on a real model ----------------------------------------------------------------------------------
+def test_cli_ranking_csv_order_limit_and_pngs(model: Model, capsys: pytest.CaptureFixture[str]) -> None:
+    out = model.root / "cli" / "ranking.csv"
+    pngs = model.root / "cli" / "png"
+    code = main(["query", "-d", "901", "-c", CONFIG, "-f", "all", "-n", "4", "-o", str(out), "--png-dir", str(pngs)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "not reused" in captured.out and "changed since" in captured.out  # round at epoch 1, checkpoint at 2
+    assert f"Ranked {N_UNLABELED} unlabelled case(s)" in captured.out
+    with open(out, newline="") as handle:
+        header = next(csv.reader(handle))
+    assert header == ranking_columns({1: "Anterior", 2: "Posterior"})
+    assert header == [
+        "rank", "case", "score", "Anterior_voxels", "Anterior_ml", "Posterior_voxels", "Posterior_ml", "source",
+    ]  # fmt: skip
+    rows = _read_csv(out)
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4]  # -n 4 of 10
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and 0 < scores[-1] <= math.log(3)
+    assert {r["source"] for r in rows} == {"computed"} and set(r["case"] for r in rows) <= set(model.cases)
+    for r in rows:  # the shipped subset has 1 mm voxels after preprocessing: mL = voxels / 1000
+        assert float(r["Anterior_ml"]) == pytest.approx(int(r["Anterior_voxels"]) / 1000, abs=1e-4)
+    written = sorted(p.name for p in pngs.glob("*.png"))
+    assert written == [f"{i:03d}_{rows[i - 1]['case']}.png" for i in range(1, 5)]  # default 5, limited by -n 4
+    assert all((pngs / name).stat().st_size > 10_000 for name in written)
+
+
+def test_score_types_and_reductions(model: Model) -> None:
+    cases = model.cases[:3]
+    results = {}
+    for score, reduce in (("entropy", "mean"), ("margin", "mean"), ("entropy", "topk")):
+        result = run_query(
+            model.model_dir, score=score, reduce=reduce, cases=cases, png_top=0, output=model.root / f"{score}.csv"
+        )
+        assert sorted(r.case for r in result.ranking) == sorted(cases) and not result.pngs
+        results[(score, reduce)] = {r.case: r.score for r in result.ranking}
+    assert all(0.0 <= s <= 1.0 for s in results[("margin", "mean")].values())
+    for case in cases:  # the top 10% of voxels are at least as uncertain as the average voxel
+        assert results[("entropy", "topk")][case] >= results[("entropy", "mean")][case]
+    tta = run_query(model.model_dir, score="tta-variance", cases=cases[:1], png_top=1, output=model.root / "t.csv")
+    assert 0.0 < tta.ranking[0].score <= 0.25 and len(tta.pngs) == 1  # variance of a probability
+
+
+def test_roi_restricts_the_score_to_the_predicted_foreground(model: Model, tmp_path: Path) -> None:
+    """A 2-epoch model predicts foreground everywhere; a background bias keeps only its 0.5% surest voxels."""
+    from nnfiltermatch.inference import load_checkpoint_safely
+    from nnfiltermatch.query import load_query_model
+    from nnfiltermatch.uncertainty import voxel_entropy
+
+    case = model.cases[0]
+    loaded = load_query_model(model.model_dir)
+    data, _ = loaded.load_case(case)
+    logits = loaded.predictor.predict_logits_from_preprocessed_data(data).float()
+    shift = float(torch.quantile((logits[1:].max(0).values - logits[0]).flatten(), 0.995))
+    checkpoint = load_checkpoint_safely(model.model_dir / "fold_all" / "checkpoint_final.pth")
+    bias = max(
+        (k for k in checkpoint["network_weights"] if k.startswith("decoder.seg_layers.") and k.endswith(".bias")),
+        key=lambda k: int(k.split(".")[2]),
+    )
+    checkpoint["network_weights"][bias][0] += shift  # a uniform shift of the background logit
+    shifted = tmp_path / TRAINER_DIR
+    (shifted / "fold_all").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        shutil.copy(model.model_dir / name, shifted)
+    torch.save(checkpoint, shifted / "fold_all" / "checkpoint_final.pth")
+
+    whole = run_query(shifted, cases=[case], png_top=0, output=tmp_path / "whole.csv").ranking[0].score
+    roi = run_query(shifted, cases=[case], roi=True, roi_margin=0, png_top=0, output=tmp_path / "roi.csv")
+    logits[0] += shift
+    probs = torch.softmax(logits, dim=0)
+    box = bounding_box(probs.argmax(0) > 0)
+    assert box is not None and any(b.stop - b.start < n for b, n in zip(box, probs.shape[1:]))
+    assert roi.ranking[0].score == pytest.approx(float(voxel_entropy(probs)[box].double().mean()), rel=1e-4)
+    assert not math.isclose(roi.ranking[0].score, whole, rel_tol=1e-3)
+    assert "--roi" in roi.decision.reason
+
+
+def test_filter_scores_are_reused_when_the_model_is_unchanged(model: Model, capsys: pytest.CaptureFixture) -> None:
+    """Resuming the finished run for one more epoch runs a filter round (epoch 2) on the final weights of epoch 2.
+
+    Copied into a copy of the model folder, that round holds exactly what a query of the checkpoint computes.
+    """
+    continued = model.root / "continued"
+    shutil.copytree(model.root / "results", continued)
+    run_cli_subprocess([*TRAIN_ARGS, "--continue", "--epochs", "3"], {"nnUNet_results": str(continued)})
+    round_file = continued / DATASET / TRAINER_DIR / "fold_all" / "filter_rounds" / "epoch_0002.json"
+    record = json.loads(round_file.read_text())
+    frozen = model.root / "frozen" / TRAINER_DIR
+    shutil.copytree(model.model_dir, frozen)
+    shutil.copy(round_file, frozen / "fold_all" / "filter_rounds")
+
+    out = model.root / "reuse.csv"
+    code = main(["query", "-m", str(frozen), "-o", str(out), "--png-top", "1"])
+    captured = capsys.readouterr().out
+    assert code == 0 and "Scores reused for" in captured and "epoch 2" in captured
+    rows = {r["case"]: r for r in _read_csv(out)}
+    pool = {c["case"] for c in record["cases"]}
+    assert {c for c, r in rows.items() if r["source"] == "reused"} == pool  # dropped at epoch 1: computed
+    assert len(pool) < N_UNLABELED and len(rows) == N_UNLABELED
+    top = min(rows.values(), key=lambda r: int(r["rank"]))
+    assert top["Anterior_voxels"] != ""  # the PNG's case was predicted, so its volumes are known
+    fresh = run_query(frozen, reuse="never", png_top=0, output=model.root / "fresh.csv")
+    assert {r.source for r in fresh.ranking} == {"computed"}
+    for row in fresh.ranking:
+        assert float(rows[row.case]["score"]) == pytest.approx(row.score, rel=1e-5, abs=1e-7)
+
+
+def test_errors_name_the_problem(model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["query", "-m", str(tmp_path / "nowhere")]) == 2
+    assert "not a trained model folder" in capsys.readouterr().err
+    assert main(["query", "-m", str(model.model_dir), "-d", "901"]) == 2
+    assert "either -m" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("nnUNet_preprocessed", str(tmp_path))  # a dataset without an unlabelled folder
+        with pytest.raises(QueryError, match="no unlabelled cases"):
+            run_query(model.model_dir, png_top=0, output=tmp_path / "x.csv")
+    with pytest.raises(QueryError, match="not unlabelled cases"):
+        run_query(model.model_dir, cases=[LABELED[0]], output=tmp_path / "x.csv")
+    with pytest.raises(SystemExit):  # --add-labels excludes the budget options
+        main(["prepare", "-d", "901", "--add-labels", str(tmp_path), "--labeled-fraction", "0.1"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+# ----- prepare --add-labels ---------------------------------------------------------------------------------------
+def test_add_labels_moves_cases_without_replanning(prepared: Path, tmp_path: Path) -> None:
+    import SimpleITK as sitk
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnfiltermatch.unlabeled import UnlabeledDataset
+
+    root = tmp_path / "tree"
+    root.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in nnunet_env(root).items():
+            mp.setenv(key, value)
+        cases = small_prepared_tree(prepared, root, 6, to_unlabeled_folder=1)
+        raw, pre = root / "raw" / DATASET, root / "preprocessed" / DATASET
+        (pre / "splits_final.json").write_text("[]")
+        moved, simulated = cases[0], cases[1]  # imagesUnlabeled/ and a budget-simulation imagesTr case
+        annotations = tmp_path / "annotated"
+        annotations.mkdir()
+        for case in (moved, simulated):
+            shutil.copy(SUBSET / "labelsTr" / f"{case}.nii.gz", annotations)
+        plans_mtime = (pre / "nnUNetPlans.json").stat().st_mtime_ns
+
+        # errors first: nothing may change
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        shutil.copy(SUBSET / "labelsTr" / f"{LABELED[0]}.nii.gz", bad)
+        with pytest.raises(DataValidationError, match="already labelled"):
+            add_labels(DATASET, bad)
+        label = sitk.ReadImage(str(SUBSET / "labelsTr" / f"{cases[2]}.nii.gz"))
+        wrong = sitk.GetArrayFromImage(label)
+        wrong[0, 0, 0] = 7
+        broken = sitk.GetImageFromArray(wrong)
+        broken.CopyInformation(label)
+        (bad / f"{LABELED[0]}.nii.gz").unlink()
+        sitk.WriteImage(broken, str(bad / f"{cases[2]}.nii.gz"))
+        with pytest.raises(DataValidationError, match="value\\(s\\) 7 not declared"):
+            add_labels(DATASET, bad)
+        with pytest.raises(PreparationError, match="not preprocessed"):
+            add_labels(DATASET, annotations, ["2d"])
+        assert json.loads((pre / MANIFEST_NAME).read_text())["unlabeled_ids"] == sorted(cases)
+
+        assert main(["prepare", "-d", "901", "--add-labels", str(annotations)]) == 0
+        manifest = json.loads((pre / MANIFEST_NAME).read_text())
+        assert manifest["labeled_ids"] == sorted([*LABELED, moved, simulated])
+        assert manifest["unlabeled_ids"] == sorted(set(cases) - {moved, simulated})
+        assert manifest["added_labels"][-1]["moved_from_imagesUnlabeled"] == [moved]
+        listed = [ln for ln in (pre / LABELED_LIST_NAME).read_text().splitlines() if not ln.startswith("#")]
+        assert listed == manifest["labeled_ids"]
+        assert (raw / "imagesTr" / f"{moved}_0000.nii.gz").is_file()
+        assert not (raw / "imagesUnlabeled" / f"{moved}_0000.nii.gz").exists()
+        for case in (moved, simulated):
+            assert (raw / "labelsTr" / f"{case}.nii.gz").read_bytes() == (annotations / f"{case}.nii.gz").read_bytes()
+            assert (pre / "gt_segmentations" / f"{case}.nii.gz").is_file()
+        assert (raw / "labelsTr" / f"{simulated}.nii.gz.before-add-labels").is_file()  # the garbage stand-in
+        assert not (pre / "splits_final.json").exists()
+
+        # what training reads: nnU-Net's dataset class on the labelled folder, ours on the unlabelled one
+        data_id = manifest["configurations"][CONFIG]["data_identifier"]
+        labelled_folder = str(pre / data_id)
+        identifiers = infer_dataset_class(labelled_folder).get_identifiers(labelled_folder)
+        assert sorted(identifiers) == manifest["labeled_ids"]
+        _, seg, _, properties = infer_dataset_class(labelled_folder)(labelled_folder, [moved]).load_case(moved)
+        # -1: nnU-Net's mark for background outside the image's non-zero region
+        assert {1, 2} <= set(np.unique(np.asarray(seg[:])).tolist()) <= {-1, 0, 1, 2}
+        assert set(properties["class_locations"]) == {1, 2}
+        unlabelled = UnlabeledDataset.get_identifiers(str(pre / "unlabeled" / data_id))
+        assert unlabelled == manifest["unlabeled_ids"]
+        assert (pre / "nnUNetPlans.json").stat().st_mtime_ns == plans_mtime
+
+        # a later prepare with the original list keeps them and does no work (run as a user would, in a process)
+        again = run_cli_subprocess(
+            ["prepare", "-d", "901", "-c", CONFIG, "--labeled-list", str(root / "labeled.txt"), "-np", "1"],
+            nnunet_env(root),
+        )
+        assert "stay labelled" in again.stdout and "nothing to do" in again.stdout
+        assert "re-planning" not in again.stdout
+        assert json.loads((pre / MANIFEST_NAME).read_text())["labeled_ids"] == manifest["labeled_ids"]
+        assert (pre / "nnUNetPlans.json").stat().st_mtime_ns == plans_mtime

@@ -155,7 +155,8 @@ def test_killed_run_resumes_with_pool_rounds_and_optimiser(prepared: Path) -> No
     ]
     out = prepared / "results" / DATASET / f"nnFilterMatchTrainer__nnUNetPlans__{CONFIG}" / "fold_all"
     process = subprocess.Popen(
-        _cli(*args, "--overwrite"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cli(*args, "--overwrite"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, so the kill below reaches the augmentation workers too
     )
     deadline = time.time() + 240
     try:

@@ -93,8 +93,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--ema-decay", type=float)
     s.add_argument("--tau", type=float, help="confidence threshold; 0 reproduces the paper (default 0.9)")
     s.add_argument("--lambda-u", type=float, help="unlabelled loss weight (default 1)")
-    s.add_argument("--unsup-loss", choices=UNSUP_LOSSES,
-                   help="loss on pseudo-labels: ce (default) or dice_ce (nnU-Net's Dice+CE, the paper's)")
+    s.add_argument(
+        "--unsup-loss",
+        choices=UNSUP_LOSSES,
+        help="loss on pseudo-labels: ce (default) or dice_ce (nnU-Net's Dice+CE, the paper's)",
+    )
     s.add_argument("--rampup-epochs", type=int, help="linear ramp of lambda-u after warm-up (default 20%% of epochs)")
     s.add_argument("--flip-from-epoch", type=int, help="add random in-plane flips to the strong view from this epoch")
     s.add_argument(
@@ -304,8 +307,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from nnfiltermatch.inference import PredictionError, predict_folder, resolve_model_dir
+def _model_dir_from_args(args: argparse.Namespace, error: type[ValueError]) -> Path:
+    """``-m MODEL_DIR``, or the folder that ``-d/-c/--mode/-p`` name in nnU-Net's results layout (not both)."""
+    from nnfiltermatch.inference import resolve_model_dir
 
     named = [
         flag
@@ -314,14 +318,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     ]
     if args.model_dir is not None:
         if named:
-            raise PredictionError(f"give either -m MODEL_DIR or -d/-c/--mode, not both (got -m and {', '.join(named)})")
-        model_dir = args.model_dir
-    elif args.dataset is None or args.configuration is None:
-        raise PredictionError("give -m MODEL_DIR, or -d DATASET and -c CONFIGURATION (and --mode, default filtermatch)")
-    else:
-        model_dir = resolve_model_dir(
-            args.dataset, args.configuration, args.mode or "filtermatch", args.plans or "nnUNetPlans"
-        )
+            raise error(f"give either -m MODEL_DIR or -d/-c/--mode, not both (got -m and {', '.join(named)})")
+        return args.model_dir
+    if args.dataset is None or args.configuration is None:
+        raise error("give -m MODEL_DIR, or -d DATASET and -c CONFIGURATION (and --mode, default filtermatch)")
+    return resolve_model_dir(args.dataset, args.configuration, args.mode or "filtermatch", args.plans or "nnUNetPlans")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from nnfiltermatch.inference import PredictionError, predict_folder
+
+    model_dir = _model_dir_from_args(args, PredictionError)
     written = predict_folder(
         args.input,
         args.output,
@@ -388,24 +395,9 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from nnfiltermatch.inference import resolve_model_dir
     from nnfiltermatch.query import QueryError, format_ranking, run_query
 
-    named = [
-        flag
-        for flag, value in (("-d", args.dataset), ("-c", args.configuration), ("--mode", args.mode), ("-p", args.plans))
-        if value is not None
-    ]
-    if args.model_dir is not None:
-        if named:
-            raise QueryError(f"give either -m MODEL_DIR or -d/-c/--mode, not both (got -m and {', '.join(named)})")
-        model_dir = args.model_dir
-    elif args.dataset is None or args.configuration is None:
-        raise QueryError("give -m MODEL_DIR, or -d DATASET and -c CONFIGURATION (and --mode, default filtermatch)")
-    else:
-        model_dir = resolve_model_dir(
-            args.dataset, args.configuration, args.mode or "filtermatch", args.plans or "nnUNetPlans"
-        )
+    model_dir = _model_dir_from_args(args, QueryError)
     result = run_query(
         model_dir,
         folds=args.folds,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnfiltermatch.inventory import write_labeled_list
+from nnfiltermatch.inventory import MAX_LISTED_PROBLEMS, DataValidationError, write_labeled_list
 
 __all__ = [
     "ACDC_LABELED_PATIENTS",
@@ -41,7 +41,6 @@ __all__ = [
     "convert_la_h5",
 ]
 
-MAX_LISTED_PROBLEMS = 20
 FILE_ENDING = ".nii.gz"
 
 LA_CASE_DIR = "2018LA_Seg_Training Set"
@@ -66,23 +65,8 @@ _ACDC_FRAME = re.compile(r"(?P<patient>patient\d{3})_frame\d+")
 _ACDC_SLICE = re.compile(r"(?P<frame>(?P<patient>patient\d{3})_frame\d+)_slice_(?P<index>\d+)")
 
 
-class ConversionError(ValueError):
+class ConversionError(DataValidationError):
     """The source folder cannot be converted as given; ``problems`` lists every individual problem found."""
-
-    def __init__(self, message: str, problems: Sequence[str] | None = None) -> None:
-        super().__init__(message)
-        self.problems: list[str] = list(problems) if problems is not None else [message]
-
-    @classmethod
-    def from_problems(cls, what: str, problems: Sequence[str]) -> ConversionError:
-        """One error listing all problems, so a user can repair the source in one pass."""
-        if len(problems) == 1:
-            return cls(f"{what}: {problems[0]}", problems)
-        lines = [f"{what}: {len(problems)} problems found:"]
-        lines += [f"  - {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
-        if len(problems) > MAX_LISTED_PROBLEMS:
-            lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more (fix the ones above and re-run).")
-        return cls("\n".join(lines), problems)
 
 
 @dataclass(frozen=True)

@@ -180,14 +180,19 @@ def _run_parallel(fn: Callable[..., Any], jobs: list[tuple], num_processes: int,
                 bar.update()
 
 
-def _preprocess_labeled_case(
-    out_truncated: str, case: Case, plans: dict, configuration: str, dataset_json: dict
-) -> None:
+def _preprocessing_context(plans: dict, configuration: str) -> tuple[Any, Any, Any]:
+    """nnU-Net's plans and configuration managers and the configuration's preprocessor (built in each worker)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(configuration)
-    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    return plans_manager, configuration_manager, configuration_manager.preprocessor_class(verbose=False)
+
+
+def _preprocess_labeled_case(
+    out_truncated: str, case: Case, plans: dict, configuration: str, dataset_json: dict
+) -> None:
+    plans_manager, configuration_manager, preprocessor = _preprocessing_context(plans, configuration)
     preprocessor.run_case_save(
         out_truncated,
         [str(p) for p in case.image_files],
@@ -203,11 +208,8 @@ def _preprocess_unlabeled_case(
 ) -> None:
     import blosc2
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    plans_manager = PlansManager(plans)
-    configuration_manager = plans_manager.get_configuration(configuration)
-    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    plans_manager, configuration_manager, preprocessor = _preprocessing_context(plans, configuration)
     data, _, properties = preprocessor.run_case(
         [str(p) for p in case.image_files], None, plans_manager, configuration_manager, dataset_json
     )

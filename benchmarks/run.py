@@ -21,6 +21,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,16 +170,23 @@ def setup_hippocampus(shared: Path, work: Path, labeled_key: str, test_cases: in
     )
 
 
+def _convert_once(folder: Path, name: str, convert: Callable[[Path], object]) -> tuple[Path, Path]:
+    """The converted raw dataset ``folder/nnUNet_raw/name``, converting only the first time."""
+    raw_root = folder / "nnUNet_raw"
+    if not (raw_root / name).is_dir():
+        raw_root.mkdir(parents=True, exist_ok=True)
+        convert(raw_root)
+    return raw_root, raw_root / name
+
+
 def setup_acdc(shared: Path, work: Path, labeled_key: str) -> Experiment:
     """ACDC from the SSL4MIS layout; test = the validation volumes (the test patients are not in shared/)."""
     from nnfiltermatch.converters import convert_acdc_h5
 
     name = "Dataset905_ACDCBench"
-    raw_root = work / "acdc" / "nnUNet_raw"
-    raw = raw_root / name
-    if not raw.is_dir():
-        raw_root.mkdir(parents=True, exist_ok=True)
-        convert_acdc_h5(shared / "acdc", 905, name="ACDCBench", raw_root=raw_root)
+    raw_root, raw = _convert_once(
+        work / "acdc", name, lambda root: convert_acdc_h5(shared / "acdc", 905, name="ACDCBench", raw_root=root)
+    )
     labeled_list = raw / f"labeled_{labeled_key}.txt"
     if not labeled_list.is_file():
         sys.exit(f"--labeled for acdc: 3 or 7 (no {labeled_list})")
@@ -202,11 +210,9 @@ def setup_la(shared: Path, work: Path, labeled_key: str) -> Experiment:
     from nnfiltermatch.converters import convert_la_h5
 
     name = "Dataset906_LABench"
-    raw_root = work / "la" / "nnUNet_raw"
-    raw = raw_root / name
-    if not raw.is_dir():
-        raw_root.mkdir(parents=True, exist_ok=True)
-        convert_la_h5(shared / "la", 906, name="LABench", raw_root=raw_root)
+    raw_root, raw = _convert_once(
+        work / "la", name, lambda root: convert_la_h5(shared / "la", 906, name="LABench", raw_root=root)
+    )
     labeled_list = raw / f"labeled_{labeled_key}.txt"
     test_images, test_labels = raw / "imagesTs", raw / "labelsTs"
     if not test_images.is_dir():  # transductive evaluation on the unlabelled training cases, said in the table

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,9 +125,9 @@ class Model:
     cases: list[str]
 
 
-@pytest.fixture(scope="module")
-def model(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
-    root = tmp_path_factory.mktemp("query")
+@contextmanager
+def tiny_model_in_own_tree(prepared: Path, root: Path) -> Iterator[Model]:
+    """A tiny model in its own nnU-Net folders, with the environment pointing there and one torch thread."""
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         for key, value in nnunet_env(root).items():
@@ -137,6 +138,12 @@ def model(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             yield Model(root, model_dir, cases)
         finally:
             torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
+    with tiny_model_in_own_tree(prepared, tmp_path_factory.mktemp("query")) as trained:
+        yield trained
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO
 from nnfiltermatch.cli import main
@@ -23,7 +22,7 @@ from nnfiltermatch.reports import (
     plot_ssl_progress,
     resolve_fold_dir,
 )
-from test_query import nnunet_env, train_tiny_model
+from test_query import tiny_model_in_own_tree
 
 SECTIONS = ("summary", "curves", "pool", "rounds", "config", "evaluation")
 PNG_URI = "data:image/png;base64,"
@@ -31,16 +30,8 @@ PNG_URI = "data:image/png;base64,"
 
 @pytest.fixture(scope="module")
 def model_dir(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("report")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in nnunet_env(root).items():
-            mp.setenv(key, value)
-        torch.set_num_threads(1)
-        try:
-            yield train_tiny_model(prepared, root)[0]
-        finally:
-            torch.set_num_threads(threads)
+    with tiny_model_in_own_tree(prepared, tmp_path_factory.mktemp("report")) as trained:
+        yield trained.model_dir
 
 
 @pytest.fixture(scope="module")

@@ -208,3 +208,15 @@ def test_unlabelled_loss_survives_fully_ignored_pseudo_labels() -> None:
     value.backward()
     assert torch.isfinite(value) and loss.last["unsup"] == 0.0
     assert logits.grad[2:].abs().sum() == 0 and logits.grad[:2].abs().sum() > 0
+
+
+def test_continue_refuses_a_plain_nnunet_checkpoint(prepared: Path) -> None:
+    """A checkpoint without our pool and filter state (plain nnU-Net) must not be resumed as a semi-supervised run."""
+    config = resolve_config({**SHORT, "mode": "supervised"})
+    out = train(DATASET, CONFIG, "all", config, "cpu", overwrite=True, final_validation=False).output_folder
+    checkpoint = _checkpoint(out)
+    del checkpoint["init_args"][STATE_KEY]
+    checkpoint["trainer_name"] = "nnUNetTrainer"
+    torch.save(checkpoint, out / "checkpoint_final.pth")
+    with pytest.raises(PreparationError, match="not written by nnfiltermatch"):
+        train(DATASET, CONFIG, "all", config, "cpu", continue_training=True, final_validation=False)

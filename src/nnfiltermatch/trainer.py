@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, resolve_config
+from nnfiltermatch.preparation import PreparationError
 from nnfiltermatch.pseudo_labels import ema_update, pseudo_labels_for_scales, ramp_weight
 from nnfiltermatch.uncertainty import reduce_case_score, select_cases_to_drop, voxel_entropy
 from nnfiltermatch.unlabeled import UnlabeledDataset, make_unlabeled_loader, shutdown_loader
@@ -503,12 +504,12 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         super().load_checkpoint(filename_or_checkpoint)
         state = self.my_init_kwargs.pop(STATE_KEY, None)
         if state is None:
-            raise RuntimeError(
+            raise PreparationError(
                 f"{filename_or_checkpoint} was not written by nnfiltermatch (no pool or filter state in it): "
                 "cannot continue it as a semi-supervised run. Start a new run in another results folder."
             )
         if state["mode"] != self.mode:
-            raise RuntimeError(f"checkpoint is from mode {state['mode']!r}, this trainer runs {self.mode!r}")
+            raise PreparationError(f"checkpoint is from mode {state['mode']!r}, this trainer runs {self.mode!r}")
         self.pool = state["pool"]
         self.filter_rounds = state["filter_rounds"]
         self.running_scores = state.get("running_scores", {}) if self.local_rank == 0 else {}

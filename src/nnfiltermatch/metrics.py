@@ -30,7 +30,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+
+from nnfiltermatch.files import atomic_write_text
 
 __all__ = [
     "METRICS",
@@ -274,21 +275,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write via a temporary file in the same folder and ``os.replace``, so readers never see a partial file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
-
-
 @dataclass
 class EvaluationResult:
     """Per-case metrics of a folder evaluation and their per-class aggregates.
@@ -386,7 +372,7 @@ class EvaluationResult:
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_dict` as indented JSON (NaN as ``null``), atomically."""
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        return _atomic_write_text(path, text)
+        return atomic_write_text(path, text)
 
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
         """Write one row per case and class with columns ``case,label,dice,jaccard,hd95,asd,assd``, atomically.
@@ -398,7 +384,7 @@ class EvaluationResult:
         writer.writerow(CSV_COLUMNS)
         for r in self.rows:
             writer.writerow([r.case, r.label, *(repr(float(getattr(r, m))) for m in METRICS)])
-        return _atomic_write_text(path, buffer.getvalue())
+        return atomic_write_text(path, buffer.getvalue())
 
     def format_table(self) -> str:
         """Plain-text table: mean±std per class and metric, the mean over classes, and undefined counts."""

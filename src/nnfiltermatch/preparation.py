@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from nnfiltermatch.files import atomic_write_text
 from nnfiltermatch.inventory import Case, DatasetInventory, build_inventory, sample_labeled_ids, write_labeled_list
 
 MANIFEST_NAME = "nnfiltermatch_prepare.json"
@@ -115,12 +116,6 @@ def load_prepared(dataset_name: str) -> PreparedDataset:
         unlabeled_ids=manifest["unlabeled_ids"],
         configurations=sorted(manifest.get("configurations", {})),
     )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _inputs_digest(inventory: DatasetInventory, plans_name: str) -> str:
@@ -257,7 +252,7 @@ def _fingerprint_and_plan(inventory: DatasetInventory, dataset_name: str, plans_
     for base in ("3d_fullres", "2d"):
         add_cpu_configuration(plans, base)
     plans_file = out / f"{plans_name}.json"
-    _atomic_write_text(plans_file, json.dumps(plans, indent=2))
+    atomic_write_text(plans_file, json.dumps(plans, indent=2))
     return plans
 
 
@@ -342,8 +337,8 @@ def prepare(
             "data_identifier": data_identifier,
             "seconds": round(time.time() - start, 2),
         }
-        _atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
-    _atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
+        atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
+    atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
     return load_prepared(dataset_name)
 
 
@@ -629,7 +624,7 @@ def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] |
     )
     header = f"labelled cases of {dataset_name} used by nnfiltermatch prepare (incl. prepare --add-labels)"
     write_labeled_list(inventory.labeled_ids, out / LABELED_LIST_NAME, header=header)
-    _atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
+    atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
     if not inventory.unlabeled_ids:
         messages.append("no unlabelled cases are left: only --mode supervised can train on this dataset now")
     return AddedLabels(

@@ -29,8 +29,6 @@ import io
 import itertools
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from nnfiltermatch.files import atomic_write_bytes
 from nnfiltermatch.uncertainty import margin_map, reduce_case_score, voxel_entropy
 
 if TYPE_CHECKING:
@@ -602,20 +601,7 @@ def write_ranking_csv(rows: Sequence[RankedCase], labels: Mapping[int, str], pat
             else:
                 volumes += [str(row.voxels[label]), f"{row.voxels[label] * row.voxel_ml:.4f}"]
         writer.writerow([row.rank, row.case, repr(float(row.score)), *volumes, row.source])
-    return _atomic_write(Path(path), buffer.getvalue().encode())
-
-
-def _atomic_write(target: Path, payload: bytes) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 def render_case_png(
@@ -658,7 +644,7 @@ def render_case_png(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
-    return _atomic_write(target, buffer.getvalue())
+    return atomic_write_bytes(target, buffer.getvalue())
 
 
 def format_ranking(result: QueryResult, labels: Mapping[int, str] | None = None, limit: int = 10) -> str:

@@ -95,6 +95,26 @@ def test_rebuilt_loader_draws_only_kept_cases(prepared: Path) -> None:
         trainer.on_train_end()
 
 
+def test_teacher_starts_from_the_warmed_up_student(prepared: Path) -> None:
+    config = resolve_config({**SHORT, "mode": "ssl"})  # warm-up: epoch 0
+    trainer = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
+    trainer.on_train_start()
+    try:
+        student, teacher = trainer.plain_network(), trainer.teacher
+        assert teacher is not None
+        with torch.no_grad():  # stands in for the warm-up's supervised training
+            for parameter in student.parameters():
+                parameter.add_(0.5)
+        trainer.current_epoch = 0
+        assert not trainer.start_teacher_if_due() and trainer.pseudo_label_model() is student
+        assert not all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
+        trainer.current_epoch = 1
+        assert trainer.start_teacher_if_due() and trainer.pseudo_label_model() is teacher
+        assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
+    finally:
+        trainer.on_train_end()
+
+
 def test_existing_run_is_not_overwritten(prepared: Path) -> None:
     config = resolve_config({**SHORT, "mode": "supervised"})
     train(DATASET, CONFIG, "all", config, "cpu", overwrite=True, final_validation=False)
@@ -155,7 +175,10 @@ def test_killed_run_resumes_with_pool_rounds_and_optimiser(prepared: Path) -> No
     ]
     out = prepared / "results" / DATASET / f"nnFilterMatchTrainer__nnUNetPlans__{CONFIG}" / "fold_all"
     process = subprocess.Popen(
-        _cli(*args, "--overwrite"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        _cli(*args, "--overwrite"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group, so the kill below reaches the augmentation workers too
     )
     deadline = time.time() + 240
@@ -197,8 +220,14 @@ def test_unlabelled_loss_survives_fully_ignored_pseudo_labels() -> None:
     from nnfiltermatch.trainer import SemiSupervisedLoss
 
     def dice_ce(weight_dice: float, ignore: int | None) -> DC_and_CE_loss:
-        return DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
-                              weight_dice=weight_dice, ignore_label=ignore, dice_class=MemoryEfficientSoftDiceLoss)
+        return DC_and_CE_loss(
+            {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
+            {},
+            weight_ce=1,
+            weight_dice=weight_dice,
+            ignore_label=ignore,
+            dice_class=MemoryEfficientSoftDiceLoss,
+        )
 
     loss = SemiSupervisedLoss(dice_ce(1, None), dice_ce(0, 3))
     loss.n_labeled, loss.weight = 2, 1.0

@@ -253,10 +253,28 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         self._epoch_stats = []
         # per rank, so DDP ranks draw different strong views (rank 0, and a single process, are unchanged)
         self._view_rng.manual_seed(self.fm.seed * 1_000_003 + self.current_epoch + 7_919 * self.local_rank)
+        self.start_teacher_if_due()
         due = self.current_epoch in self.fm.filter_epochs
         if due and not any(r["epoch"] == self.current_epoch for r in self.filter_rounds):
             self.run_filter_round()
             self.network.train()
+
+    def pseudo_label_model(self) -> nn.Module:
+        """The EMA teacher once it has started (end of warm-up), else the student."""
+        started = self.current_epoch >= (self.fm.warmup_epochs or 0)
+        return self.teacher if self.teacher is not None and started else self.plain_network()
+
+    def start_teacher_if_due(self) -> bool:
+        """Copy the warmed-up student into the EMA teacher when the unsupervised term starts.
+
+        Why: the EMA only runs on semi-supervised steps, so without this the first pseudo-labels come from a teacher
+        that is mostly the random initial weights (0.99^50 = 61% of them after one 50-step epoch); at small compute
+        that erased whole classes. Same weights on every DDP rank, since the students are identical.
+        """
+        if self.teacher is None or self.current_epoch != (self.fm.warmup_epochs or 0):
+            return False
+        self.teacher.load_state_dict(self.plain_network().state_dict())
+        return True
 
     def train_step(self, batch: dict) -> dict:
         assert isinstance(self.loss, SemiSupervisedLoss)
@@ -268,7 +286,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
 
         unlabeled = next(self.dataloader_unlabeled)
         weak = unlabeled["data"].to(self.device, non_blocking=True)
-        model = self.teacher if self.teacher is not None else self.plain_network()
+        model = self.pseudo_label_model()
         with torch.no_grad():
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
                 weak_logits = _as_list(model(weak))
@@ -358,7 +376,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
     # ----- the filter ---------------------------------------------------------------------------------------
     def score_pool(self, case_ids: list[str]) -> dict[str, float]:
         """Entropy score of every case by nnU-Net's sliding-window inference with the pseudo-labelling model."""
-        model = self.teacher if self.teacher is not None else self.plain_network()
+        model = self.pseudo_label_model()
         decoder = model.decoder
         previous_ds = decoder.deep_supervision
         decoder.deep_supervision = False

@@ -313,14 +313,70 @@ def test_mixed_dimensionality(raw: Path) -> None:
     assert "mixed dimensionality" in msg and f"imagesUnlabeled/{moved[0]}_0000.nii.gz" in msg
 
 
-def test_nan_voxels_in_labelled_image(raw: Path) -> None:
-    c = case_ids(raw)[9]
-    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(img(raw, c)))).astype(np.float32)
-    arr[0, 0, :3] = np.nan
-    arr[1, 1, 1] = np.inf
-    _copy_geometry_to(img(raw, c), arr, img(raw, c))
-    msg = build_error(raw, allow_empty_unlabeled=True)
-    assert f"imagesTr/{c}_0000.nii.gz contains 4 NaN/inf voxel(s)" in msg
+@pytest.mark.parametrize("where", ["labelled", "imagesUnlabeled", "unlabelled by the list"])
+def test_nan_and_infinite_voxels(raw: Path, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN, +inf and -inf are each refused, in labelled and unlabelled images alike (ITK would read them as 0)."""
+    from nnfiltermatch import inventory
+
+    ids = case_ids(raw)
+    labeled_ids = None
+    if where == "imagesUnlabeled":
+        targets = [raw / "imagesUnlabeled" / f"{c}_0000.nii.gz" for c in make_unlabeled(raw, 4)]
+    elif where == "unlabelled by the list":
+        labeled_ids = ids[:4]
+        targets = [img(raw, c) for c in ids[4:8]]
+    else:
+        targets = [img(raw, c) for c in ids[:4]]
+    for target, value, count in zip(targets, (np.nan, np.inf, -np.inf), (3, 2, 1)):
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(target))).astype(np.float32)
+        arr.flat[:count] = value
+        _copy_geometry_to(target, arr, target)
+    integer_typed = targets[3]  # stored as int16: cannot hold NaN/inf
+    _copy_geometry_to(
+        integer_typed, sitk.GetArrayFromImage(sitk.ReadImage(str(integer_typed))).astype(np.int16), integer_typed
+    )
+    read_fully: list[str] = []
+    count_nonfinite = inventory._count_nonfinite
+    monkeypatch.setattr(
+        inventory,
+        "_count_nonfinite",
+        lambda path, problems, root: read_fully.append(path.name) or count_nonfinite(path, problems, root),
+    )
+    msg = build_error(raw, labeled_ids=labeled_ids, allow_empty_unlabeled=True)
+    rel = [t.relative_to(raw).as_posix() for t in targets]
+    assert f"{rel[0]} contains 3 NaN and 0 infinite voxel(s)" in msg
+    assert f"{rel[1]} contains 0 NaN and 2 infinite voxel(s)" in msg
+    assert f"{rel[2]} contains 0 NaN and 1 infinite voxel(s)" in msg
+    assert "replace them" in msg and "3 problems found" in msg
+    assert {t.name for t in targets[:3]} <= set(read_fully)
+    # Labelled images are read in full anyway; unlabelled integer-typed ones are not (pools can be large).
+    assert (integer_typed.name in read_fully) == (where == "labelled")
+
+
+def test_channel_count_problems_in_imagesunlabeled(raw: Path) -> None:
+    """An unlabelled case with an extra or a missing channel file, or a multi-value (vector/RGB) file, is refused."""
+    moved = make_unlabeled(raw, 3)
+    unl = raw / "imagesUnlabeled"
+    extra = unl / f"{moved[0]}_0001.nii.gz"
+    shutil.copy(unl / f"{moved[0]}_0000.nii.gz", extra)
+    msg = build_error(raw)
+    assert f"unexpected channel file imagesUnlabeled/{moved[0]}_0001.nii.gz" in msg and "1 channel(s)" in msg
+
+    extra.unlink()
+    vector = unl / f"{moved[1]}_0000.nii.gz"
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(vector))).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([arr, arr], axis=-1), isVector=True), str(vector))
+    msg = build_error(raw)
+    assert f"imagesUnlabeled/{moved[1]}_0000.nii.gz has 2 values per voxel" in msg and "_0001" in msg
+
+    # Two channels declared: an unlabelled case with only _0000 is named, with the file it lacks.
+    rewrite_dataset_json(raw, channel_names={"0": "MRI", "1": "MRI2"})
+    shutil.copy(unl / f"{moved[2]}_0000.nii.gz", vector)
+    for f in [*(raw / "imagesTr").glob("*_0000.nii.gz"), vector]:
+        shutil.copy(f, f.with_name(f.name.replace("_0000", "_0001")))
+    msg = build_error(raw)
+    assert f"channel file imagesUnlabeled/{moved[0]}_0001.nii.gz is missing" in msg
+    assert f"imagesUnlabeled/{moved[2]}_0001.nii.gz is missing" in msg and "2 problems found" in msg
 
 
 def test_check_contents_false_skips_file_reads(raw: Path) -> None:

@@ -545,6 +545,8 @@ class _Geometry:
     spacing: tuple[float, ...]
     origin: tuple[float, ...]
     direction: tuple[float, ...]
+    components: int = 1  # values per voxel; nnU-Net wants 1 (one file per channel)
+    floating: bool = False  # only floating-point files can hold NaN or inf
 
     @property
     def dim(self) -> int:
@@ -553,11 +555,19 @@ class _Geometry:
 
 def _geometry_of(obj: Any) -> _Geometry:
     """Geometry of a SimpleITK ImageFileReader (after ReadImageInformation) or Image."""
+    import SimpleITK as sitk
+
+    components = obj.GetNumberOfComponents() if hasattr(obj, "GetNumberOfComponents") else None
+    if components is None:
+        components = obj.GetNumberOfComponentsPerPixel()
+    floating = obj.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64)
     return _Geometry(
         tuple(int(s) for s in obj.GetSize()),
         tuple(float(s) for s in obj.GetSpacing()),
         tuple(float(s) for s in obj.GetOrigin()),
         tuple(float(s) for s in obj.GetDirection()),
+        int(components),
+        bool(floating),
     )
 
 
@@ -641,7 +651,8 @@ def _nifti_truncation_problem(path: Path) -> str | None:
 
 
 def _check_contents(inv: DatasetInventory, allowed_labels: set[int], progress: bool) -> None:
-    """Read headers of all images and full labelled images/labels; raise once with every problem found."""
+    """Read headers of all images, then labelled and floating-point images and labels in full; raise once with every
+    problem found."""
     import SimpleITK as sitk
     from tqdm import tqdm
 
@@ -671,6 +682,13 @@ def _check_contents(inv: DatasetInventory, allowed_labels: set[int], progress: b
                         "per channel: split 4D/multi-channel volumes into _0000, _0001, ... files"
                     )
                     continue
+                if g.components != 1:
+                    problems.append(
+                        f"{_rel(f, raw)} has {g.components} values per voxel (a vector/RGB image); nnU-Net needs one "
+                        f"file per channel: split it into _0000, _0001, ... files and list {g.components} channels "
+                        "in dataset.json 'channel_names'"
+                    )
+                    continue
                 truncated = _nifti_truncation_problem(f)
                 if truncated:
                     problems.append(f"{_rel(f, raw)} {truncated}; re-export or replace the file")
@@ -687,14 +705,17 @@ def _check_contents(inv: DatasetInventory, allowed_labels: set[int], progress: b
                         f" ({'; '.join(diff)}); all channels of a case must share size, spacing, origin, direction"
                     )
             case_geom[case.case_id] = geoms[0]
-            if is_labeled:
-                for f in case.image_files:
-                    nonfinite = _count_nonfinite(f, problems, raw)
-                    if nonfinite:
-                        problems.append(
-                            f"{_rel(f, raw)} contains {nonfinite} NaN/inf voxel(s); replace them (e.g. with the "
-                            "image minimum) before training"
-                        )
+            for f, g in zip(case.image_files, geoms):
+                # Labelled images are read in full anyway; unlabelled ones only when their voxel type can hold NaN/inf
+                # (nnU-Net's reader would silently turn those into 0), so large integer-typed pools stay cheap.
+                if not (is_labeled or g.floating):
+                    continue
+                nan, inf = _count_nonfinite(f, problems, raw)
+                if nan or inf:
+                    problems.append(
+                        f"{_rel(f, raw)} contains {nan} NaN and {inf} infinite voxel(s), which nnU-Net's reader would "
+                        "silently turn into 0; replace them (e.g. with the image minimum) or remove the case"
+                    )
 
     if len(dims) > 1:
         examples = ", ".join(f"{d}D (e.g. {name})" for d, name in sorted(dims.items()))
@@ -746,8 +767,8 @@ def _is_nifti(path: Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-def _count_nonfinite(path: Path, problems: list[str], raw: Path) -> int:
-    """Full read of a (labelled, hence few) image to count NaN/inf voxels; read errors are reported.
+def _count_nonfinite(path: Path, problems: list[str], raw: Path) -> tuple[int, int]:
+    """Full read of an image to count (NaN, +/-inf) voxels; read errors are reported.
 
     NIfTI files are read with nibabel because ITK's NIfTI reader silently turns NaN into 0 and zero-fills
     truncated .nii.gz data, which would hide exactly what this check is for.
@@ -762,11 +783,14 @@ def _count_nonfinite(path: Path, problems: list[str], raw: Path) -> int:
         else:
             arr = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
     except Exception as e:  # noqa: BLE001 - any failure to decode means the file is unusable
-        problems.append(f"{_rel(path, raw)} cannot be read fully (corrupt or truncated): {_first_line(e)}")
-        return 0
+        problems.append(
+            f"{_rel(path, raw)} cannot be read fully (corrupt or truncated): {_first_line(e)}; re-export or replace "
+            "the file"
+        )
+        return 0, 0
     if not np.issubdtype(arr.dtype, np.floating):
-        return 0
-    return int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        return 0, 0
+    return int(np.count_nonzero(np.isnan(arr))), int(np.count_nonzero(np.isinf(arr)))
 
 
 def _first_line(e: BaseException) -> str:

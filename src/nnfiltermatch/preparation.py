@@ -8,6 +8,7 @@ are never opened: every nnU-Net step below is handed an explicit list of labelle
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,10 @@ LABELED_LIST_NAME = "nnfiltermatch_labeled_cases.txt"
 UNLABELED_DIRNAME = "unlabeled"
 ADDED_LABELS_KEY = "added_labels"  # manifest entries written by add_labels
 STAGING_NAME = ".add_labels.partial"
+PREPARE_STAGING_NAME = ".prepare.staging"  # new plans, fingerprint, lists until installed
+PREPARE_TRASH_NAME = ".prepare.replaced"  # what an install replaced, until the manifest is in
+PARTIAL_SUFFIX = ".partial"  # preprocessed data being written
+LOW_DISK_BYTES = 64 * 2**20  # below this, a failed write is reported as a full disk
 CPU_SUFFIX = "_cpu"
 DEFAULT_PLANS = "nnUNetPlans"
 
@@ -222,37 +227,53 @@ def _preprocess_unlabeled_case(
         pickle.dump(properties, handle)
 
 
-def _fingerprint_and_plan(inventory: DatasetInventory, dataset_name: str, plans_name: str, num_processes: int) -> dict:
-    """nnU-Net's fingerprint extractor and planner, restricted to the labelled cases."""
+def _fingerprint_and_plan(
+    inventory: DatasetInventory, dataset_name: str, plans_name: str, num_processes: int, staging: Path
+) -> dict:
+    """nnU-Net's fingerprint extractor and planner, restricted to the labelled cases, writing under ``staging``.
+
+    nnU-Net writes into ``$nnUNet_preprocessed/<dataset>/``; pointing that variable at a staging folder for the
+    duration keeps the current preparation untouched until the new one is complete (nnU-Net 2.8 reads its folder
+    variables when used). The current plans are copied in first, so nnU-Net keeps custom configurations as usual.
+    """
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
     labeled = _nnunet_case_dict(inventory.labeled)
-    out = preprocessed_root(dataset_name)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(inventory.raw_dir / "dataset.json", out / "dataset.json")
+    staged = staging / dataset_name
+    staged.mkdir(parents=True, exist_ok=True)
+    current_plans = preprocessed_root(dataset_name) / f"{plans_name}.json"
+    if current_plans.is_file():
+        shutil.copyfile(current_plans, staged / current_plans.name)
+    shutil.copyfile(inventory.raw_dir / "dataset.json", staged / "dataset.json")
 
-    extractor = DatasetFingerprintExtractor(dataset_name, num_processes=max(1, num_processes))
-    # nnU-Net has no option to restrict the cases; its constructor lists all of imagesTr, so narrow it here.
-    extractor.dataset = labeled
-    extractor.run(overwrite_existing=True)
-
-    planner = ExperimentPlanner(dataset_name, plans_name=plans_name)
-    planner.dataset = labeled  # same reason: plan from the labelled cases only
-    planner.dataset_json["numTraining"] = len(labeled)
+    saved = {key: os.environ.get(key) for key in ("nnUNet_preprocessed", "nnUNet_n_proc_DA")}
+    os.environ["nnUNet_preprocessed"] = str(staging)
     # The planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (single-threaded augmentation).
-    saved_n_proc = os.environ.get("nnUNet_n_proc_DA")
-    if saved_n_proc == "0":
+    if saved["nnUNet_n_proc_DA"] == "0":
         os.environ["nnUNet_n_proc_DA"] = "1"
     try:
+        extractor = DatasetFingerprintExtractor(dataset_name, num_processes=max(1, num_processes))
+        # nnU-Net has no option to restrict the cases; its constructor lists all of imagesTr, so narrow it here.
+        extractor.dataset = labeled
+        extractor.run(overwrite_existing=True)
+
+        planner = ExperimentPlanner(dataset_name, plans_name=plans_name)
+        planner.dataset = labeled  # same reason: plan from the labelled cases only
+        planner.dataset_json["numTraining"] = len(labeled)
         plans = planner.plan_experiment()
     finally:
-        if saved_n_proc == "0":
-            os.environ["nnUNet_n_proc_DA"] = saved_n_proc
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    for name in ("dataset_fingerprint.json", f"{plans_name}.json"):
+        if not (staged / name).is_file():
+            raise PreparationError(f"nnU-Net did not write {name} into {staged}: is nnunetv2 2.8 installed?")
     for base in ("3d_fullres", "2d"):
         add_cpu_configuration(plans, base)
-    plans_file = out / f"{plans_name}.json"
-    atomic_write_text(plans_file, json.dumps(plans, indent=2))
+    atomic_write_text(staged / f"{plans_name}.json", json.dumps(plans, indent=2))
     return plans
 
 
@@ -266,7 +287,11 @@ def prepare(
     num_processes: int = 2,
     allow_no_unlabeled: bool = False,
 ) -> PreparedDataset:
-    """Validate, plan and preprocess; a second call with the same inputs does no work."""
+    """Validate, plan and preprocess; a second call with the same inputs does no work.
+
+    Everything is written under temporary names and installed by renames once a configuration is complete, with the
+    manifest last: a failure (a full disk included) leaves the previous preparation as it was.
+    """
     from nnfiltermatch.inventory import read_labeled_list
 
     if labeled_list is not None and labeled_fraction is not None:
@@ -290,56 +315,145 @@ def prepare(
     inventory = build_inventory(raw_dir, labeled_ids, allow_empty_unlabeled=allow_no_unlabeled)
     digest = _inputs_digest(inventory, plans_name)
 
-    if manifest.get("inputs_digest") != digest:
-        previous_added = list(manifest.get(ADDED_LABELS_KEY) or [])
-        if manifest:
-            print(f"Inputs changed since the last prepare of {dataset_name} (labelled cases or files): re-planning.")
-            splits = out / "splits_final.json"
-            if splits.exists():
-                splits.unlink()  # the old split names cases that may no longer be labelled
-        start = time.time()
-        plans = _fingerprint_and_plan(inventory, dataset_name, plans_name, num_processes)
-        manifest = {
-            "inputs_digest": digest,
-            "plans_name": plans_name,
-            "labeled_ids": inventory.labeled_ids,
-            "unlabeled_ids": inventory.unlabeled_ids,
-            "labeled_list_source": str(labeled_list) if labeled_list else None,
-            "labeled_fraction": labeled_fraction,
-            "seed": seed,
-            "configurations": {},
-            "planning_seconds": round(time.time() - start, 2),
-        }
-        if manifest_added := [e for e in previous_added if set(e.get("cases", [])) & set(inventory.labeled_ids)]:
-            manifest[ADDED_LABELS_KEY] = manifest_added  # kept, so a later prepare with the list keeps them too
-        header = f"labelled cases of {dataset_name} used by nnfiltermatch prepare"
-        write_labeled_list(inventory.labeled_ids, out / LABELED_LIST_NAME, header=header)
-        _copy_gt_segmentations(inventory, out)
-    else:
-        plans = json.loads((out / f"{plans_name}.json").read_text())
+    existed = out.is_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)
+    staging = out / PREPARE_STAGING_NAME
+    staged: Path | None = None  # planning output waiting to be installed with the first configuration
+    step = "planning"
+    installed: list[str] = []
+    try:
+        if manifest.get("inputs_digest") != digest:
+            previous_added = list(manifest.get(ADDED_LABELS_KEY) or [])
+            if manifest:
+                print(
+                    f"Inputs changed since the last prepare of {dataset_name} (labelled cases or files): re-planning."
+                )
+            start = time.time()
+            plans = _fingerprint_and_plan(inventory, dataset_name, plans_name, num_processes, staging)
+            staged = staging / dataset_name
+            manifest = {
+                "inputs_digest": digest,
+                "plans_name": plans_name,
+                "labeled_ids": inventory.labeled_ids,
+                "unlabeled_ids": inventory.unlabeled_ids,
+                "labeled_list_source": str(labeled_list) if labeled_list else None,
+                "labeled_fraction": labeled_fraction,
+                "seed": seed,
+                "configurations": {},
+                "planning_seconds": round(time.time() - start, 2),
+            }
+            if manifest_added := [e for e in previous_added if set(e.get("cases", [])) & set(inventory.labeled_ids)]:
+                manifest[ADDED_LABELS_KEY] = manifest_added  # kept, so a later prepare with the list keeps them too
+            header = f"labelled cases of {dataset_name} used by nnfiltermatch prepare"
+            write_labeled_list(inventory.labeled_ids, staged / LABELED_LIST_NAME, header=header)
+            _copy_gt_segmentations(inventory, staged)
+        else:
+            plans = json.loads((out / f"{plans_name}.json").read_text())
 
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    dataset_json = json.loads((out / "dataset.json").read_text())
-    plans_manager = PlansManager(plans)
-    for configuration in configurations:
-        if configuration not in plans["configurations"]:
-            raise PreparationError(f"-c {configuration}: not in the plans ({', '.join(plans['configurations'])})")
-        data_identifier = plans_manager.get_configuration(configuration).data_identifier
-        done = {v["data_identifier"] for v in manifest["configurations"].values()}
-        if data_identifier in done and (out / data_identifier).is_dir():
-            print(f"{configuration}: {data_identifier} already preprocessed with these inputs, nothing to do.")
-            manifest["configurations"].setdefault(configuration, {"data_identifier": data_identifier, "seconds": 0.0})
-            continue
-        start = time.time()
-        _preprocess_configuration(inventory, dataset_name, plans, configuration, dataset_json, num_processes)
-        manifest["configurations"][configuration] = {
-            "data_identifier": data_identifier,
-            "seconds": round(time.time() - start, 2),
-        }
-        atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
-    atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
+        dataset_json = json.loads(((staged or out) / "dataset.json").read_text())
+        plans_manager = PlansManager(plans)
+        for configuration in configurations:
+            if configuration not in plans["configurations"]:
+                raise PreparationError(f"-c {configuration}: not in the plans ({', '.join(plans['configurations'])})")
+            data_identifier = plans_manager.get_configuration(configuration).data_identifier
+            done = {v["data_identifier"] for v in manifest["configurations"].values()}
+            if data_identifier in done and (out / data_identifier).is_dir():
+                print(f"{configuration}: {data_identifier} already preprocessed with these inputs, nothing to do.")
+                manifest["configurations"].setdefault(
+                    configuration, {"data_identifier": data_identifier, "seconds": 0.0}
+                )
+                continue
+            step = f"preprocessing {configuration}"
+            start = time.time()
+            folders = _preprocess_configuration(
+                inventory, dataset_name, plans, configuration, dataset_json, num_processes
+            )
+            manifest["configurations"][configuration] = {
+                "data_identifier": data_identifier,
+                "seconds": round(time.time() - start, 2),
+            }
+            step = f"installing {configuration}"
+            _install(out, manifest, staged, folders)
+            staged = None
+            installed.append(configuration)
+        step = "writing the manifest"
+        if staged is not None:  # no configuration to preprocess: install the new plans alone
+            _install(out, manifest, staged, [])
+            staged = None
+        else:
+            atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
+    except BaseException as exc:
+        full = _disk_full(exc, out)
+        written, cases_written = _partial_usage(out)
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_leftovers(out)
+        if not existed and not any(out.iterdir()):
+            out.rmdir()
+        if full is None:
+            raise
+        total = len(inventory.labeled) + len(inventory.unlabeled)
+        need = (
+            f" (it needs about {_size(written / cases_written * total)}, estimated from the {cases_written} of "
+            f"{total} cases written before the failure)"
+            if cases_written
+            else ""
+        )
+        changed = (
+            f"{', '.join(installed)} had been prepared completely and {'is' if len(installed) == 1 else 'are'} "
+            "installed; otherwise nothing was changed"
+            if installed
+            else "Nothing was changed"
+        )
+        raise PreparationError(
+            f"no space left on the disk of {out} while {step} ({full}). {changed}: the raw data in {raw_dir} was "
+            f"only read, the previous preparation in {out} (if any) is as it was, and the partial output was removed. "
+            f"Free up space on that disk{need}; the previous preprocessed data stays until the new one is complete, "
+            "so both must fit. Or set nnUNet_preprocessed to a folder on a larger disk. Then run prepare again."
+        ) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return load_prepared(dataset_name)
+
+
+def _disk_full(exc: BaseException, folder: Path) -> str | None:
+    """Why ``exc`` looks like a full disk (ENOSPC/EDQUOT anywhere in its chain, or almost no free space), else None.
+
+    blosc2, which writes nnU-Net's preprocessed files, reports a full disk as a bare RuntimeError, so the free space
+    is checked too; it must be measured before the partial output is removed.
+    """
+    free = shutil.disk_usage(folder).free
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{seen}; {_size(free)} free"
+        seen = seen.__cause__ or seen.__context__
+    low_level = isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, PreparationError)
+    if low_level and free < LOW_DISK_BYTES:
+        return f"{type(exc).__name__}: {exc}; only {_size(free)} free"
+    return None
+
+
+def _partial_usage(out: Path) -> tuple[int, int]:
+    """Bytes in the ``.partial`` folders of a failed prepare and how many cases they completed (one .pkl each)."""
+    written = cases = 0
+    for parent in (out, out / UNLABELED_DIRNAME):
+        for partial in parent.glob(f"*{PARTIAL_SUFFIX}") if parent.is_dir() else []:
+            for f in partial.rglob("*"):
+                if f.is_file():
+                    written += f.stat().st_size
+                    cases += f.suffix == ".pkl"
+    return written, cases
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _with_added_labels(
@@ -390,8 +504,11 @@ def _preprocess_configuration(
     configuration: str,
     dataset_json: dict,
     num_processes: int,
-) -> None:
-    """Preprocess labelled and unlabelled cases into temporary folders, then rename: never half-written."""
+) -> list[tuple[Path, Path]]:
+    """Preprocess labelled and unlabelled cases into ``.partial`` folders; returns (final, partial) pairs to install.
+
+    The final folders are not touched here: a failure leaves them as they were (the caller removes the partials).
+    """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
@@ -404,17 +521,69 @@ def _preprocess_configuration(
             "unlabelled",
         ),
     ]
+    folders = []
     for final, cases, fn, what in targets:
         final.parent.mkdir(parents=True, exist_ok=True)
-        partial = final.with_name(final.name + ".partial")
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir()
+        folders.append((final, partial))
         jobs = [(str(partial / c.case_id), c, plans, configuration, dataset_json) for c in cases]
         _run_parallel(fn, jobs, num_processes, f"{configuration}: preprocessing {what} cases")
+    return folders
+
+
+def _install(out: Path, manifest: dict[str, Any], staged: Path | None, folders: list[tuple[Path, Path]]) -> None:
+    """Put a finished preparation in place by renames only, the manifest last; undo them all if one fails.
+
+    The new manifest is written first under a temporary name (the one write that needs disk space), so a full disk
+    stops before anything is moved. Replaced files and folders wait in a trash folder until the manifest is in.
+    """
+    trash = out / PREPARE_TRASH_NAME
+    if trash.exists():
+        shutil.rmtree(trash)
+    trash.mkdir()
+    new_manifest = out / f".{MANIFEST_NAME}.new"
+    atomic_write_text(new_manifest, json.dumps(manifest, indent=2))
+    moves: list[tuple[Path, Path]] = []
+    if staged is not None:
+        splits = out / "splits_final.json"  # the old split names cases that may no longer be labelled
+        if splits.exists():
+            moves.append((splits, trash / splits.name))
+        for child in sorted(staged.iterdir()):
+            if (out / child.name).exists():
+                moves.append((out / child.name, trash / child.name))
+            moves.append((child, out / child.name))
+    for i, (final, partial) in enumerate(folders):
         if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
+            moves.append((final, trash / f"{i}_{final.name}"))
+        moves.append((partial, final))
+    moves.append((new_manifest, out / MANIFEST_NAME))
+    done: list[tuple[Path, Path]] = []
+    try:
+        for source, target in moves:
+            os.replace(source, target)
+            done.append((source, target))
+    except BaseException:
+        for source, target in reversed(done):
+            os.replace(target, source)
+        raise
+    finally:
+        new_manifest.unlink(missing_ok=True)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary folders of an interrupted or failed prepare (never read by training: they have their own names)."""
+    for folder in (out / PREPARE_STAGING_NAME, out / PREPARE_TRASH_NAME):
+        shutil.rmtree(folder, ignore_errors=True)
+    (out / f".{MANIFEST_NAME}.new").unlink(missing_ok=True)
+    for parent in (out, out / UNLABELED_DIRNAME):
+        if parent.is_dir():
+            for partial in parent.glob(f"*{PARTIAL_SUFFIX}"):
+                if partial.is_dir():
+                    shutil.rmtree(partial, ignore_errors=True)
 
 
 # ----- adding labels after an active-learning query ---------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nnfiltermatch.config import resolve_config
+from nnfiltermatch.files import atomic_write_text
 
 DEMO_DATASET = "Dataset901_HippocampusSubset"
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / DEMO_DATASET
@@ -131,10 +132,8 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", seed: int = 0)
     results["total_seconds"] = round(time.time() - started, 1)
     table = format_results(results)
     print(table)
-    (out / "results.md").write_text(table + "\n")
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "results.json")
+    atomic_write_text(out / "results.md", table + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     return results
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from nnfiltermatch.files import atomic_write_bytes, atomic_write_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,12 +42,10 @@ def plot_ssl_progress(logging: dict[str, list[Any]], output_folder: Path) -> Pat
     axes[2].set_ylabel("unlabelled pool size")
     axes[2].set_xlabel("epoch")
     fig.tight_layout()
-    target = Path(output_folder) / SSL_PROGRESS_PNG
-    tmp = target.with_name("progress_ssl.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
-    tmp.replace(target)
-    return target
+    return atomic_write_bytes(Path(output_folder) / SSL_PROGRESS_PNG, buffer.getvalue())
 
 
 # ----- the HTML report --------------------------------------------------------------------------------------------
@@ -90,7 +91,6 @@ def _checkpoint_in(folder: Path) -> Path | None:
 def _figure_png(fig: Any) -> str:
     """A matplotlib figure as a base64 data URI, so the HTML file needs nothing beside it."""
     import base64
-    import io
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
@@ -503,12 +503,7 @@ def build_report(
         f'<p class="note">Written {time.strftime("%Y-%m-%d %H:%M")} from {html.escape(str(checkpoint_path))}</p>'
         f"<nav>{nav}</nav>{content}</body></html>\n"
     )
-    target = Path(output) if output is not None else fold_dir / REPORT_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(target)
-    return target
+    return atomic_write_text(Path(output) if output is not None else fold_dir / REPORT_NAME, page)
 
 
 def _rounds(fold_dir: Path, state: dict[str, Any]) -> list[dict[str, Any]]:

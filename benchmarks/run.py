@@ -48,6 +48,8 @@ class Profile:
     seeds: tuple[int, ...]
     preset: str = "default"
     extra: dict[str, Any] = field(default_factory=dict)
+    # when set: measure the step cost first and fit iters_per_epoch so that all modes and seeds train in this time
+    train_budget_seconds: float | None = None
 
 
 PROFILES = {
@@ -57,7 +59,14 @@ PROFILES = {
     ),
     # fits in about 10 minutes on one H100/H200 for all modes, one seed
     "gpu-short": Profile(
-        "gpu-short", "3d_fullres", "2d", epochs=30, iters_per_epoch=50, val_iters_per_epoch=10, seeds=(0,)
+        "gpu-short",
+        "3d_fullres",
+        "2d",
+        epochs=10,
+        iters_per_epoch=50,
+        val_iters_per_epoch=5,
+        seeds=(0,),
+        train_budget_seconds=300,
     ),
     # the reference schedule (300 x 250, the paper's settings): a day on a GPU
     "paper": Profile(
@@ -252,16 +261,45 @@ def _use_folders(exp: Experiment) -> None:
         Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
 
 
-def run_experiment(exp: Experiment, profile: Profile, device: str, out: Path, modes: tuple[str, ...]) -> dict:
+def configuration_for(exp: Experiment, profile: Profile) -> str:
+    return profile.configuration_3d if exp.dimension == "3d" else profile.configuration_2d
+
+
+def prepare_experiment(exp: Experiment, profile: Profile, num_processes: int) -> Any:
+    from nnfiltermatch.preparation import prepare
+
+    _use_folders(exp)
+    return prepare(
+        exp.dataset_name, [configuration_for(exp, profile)], labeled_list=exp.labeled_list, num_processes=num_processes
+    )
+
+
+def fit_to_budget(profile: Profile, cost: dict, modes: tuple[str, ...], seconds: float) -> Profile:
+    """Iterations per epoch so that every mode and seed trains within ``seconds`` at the measured step times.
+
+    Why: a GPU lease is counted in minutes and cards differ; 15% is kept back for validation steps, filter rounds
+    and the loaders' start-up.
+    """
+    med = cost["median_seconds"]
+    per_iteration = sum(med["supervised"] if mode == "supervised" else med["ssl"] for mode in modes)
+    # per epoch and mode: validation steps (forward only, about 0.4 of a supervised step) and ~2 s of epoch-end
+    # bookkeeping (nnU-Net's progress plot, logs)
+    fixed = len(modes) * (profile.val_iters_per_epoch * 0.4 * med["supervised"] + 2.0)
+    per_seed = 0.85 * seconds / len(profile.seeds)
+    iterations = (per_seed / profile.epochs - fixed) / per_iteration
+    return Profile(**{**asdict(profile), "iters_per_epoch": max(5, int(iterations)), "train_budget_seconds": seconds})
+
+
+def run_experiment(
+    exp: Experiment, profile: Profile, device: str, out: Path, modes: tuple[str, ...], prepared: Any
+) -> dict:
     from nnfiltermatch.config import resolve_config
     from nnfiltermatch.inference import predict_folder
     from nnfiltermatch.metrics import evaluate_folders
-    from nnfiltermatch.preparation import prepare
     from nnfiltermatch.training import train
 
     _use_folders(exp)
-    configuration = profile.configuration_3d if exp.dimension == "3d" else profile.configuration_2d
-    prepared = prepare(exp.dataset_name, [configuration], labeled_list=exp.labeled_list, num_processes=2)
+    configuration = configuration_for(exp, profile)
     runs: list[dict[str, Any]] = []
     for seed in profile.seeds:
         for mode in modes:
@@ -345,6 +383,7 @@ def measure_cost(exp: Experiment, configuration: str, device: str, steps: int) -
             str(steps),
             "--out",
             str(exp.root / "step_cost"),
+            *(["--compute-only"] if device == "cuda" else []),
         ],
         capture_output=True,
         text=True,
@@ -398,7 +437,13 @@ def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tu
         "",
         f"`{result['configuration']}`, {profile.epochs} epochs x {profile.iters_per_epoch} iterations, seeds "
         f"{', '.join(map(str, profile.seeds))}; test: {exp.test_labels.name} ({exp.test_labels}); metrics in voxels, "
-        "mean ± std over seeds of the per-volume mean",
+        "mean ± std over seeds of the per-volume mean"
+        + (
+            f"; iterations per epoch fitted to a {profile.train_budget_seconds:.0f} s training budget from the "
+            "measured step cost"
+            if profile.train_budget_seconds
+            else ""
+        ),
         "",
         "| mode | class | Dice % | Jaccard % | HD95 | ASD | train s | filter s |",
         "|---|---|---|---|---|---|---|---|",
@@ -443,6 +488,12 @@ def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tu
             f"{cost['steps']} steps); peak memory {cost['peak_mib']['supervised']:.0f} vs "
             f"{cost['peak_mib']['ssl']:.0f} MiB{share}"
         )
+        if "compute_only" in cost:
+            c = cost["compute_only"]
+            lines.append(
+                f"- compute only (one batch reused, no data-loading waits): {c['median_seconds']['supervised']:.3f} "
+                f"vs {c['median_seconds']['ssl']:.3f} s, ratio {c['ratio_ssl_over_supervised']:.2f}"
+            )
     summary["cost"] = cost
     return summary, "\n".join(lines) + "\n"
 
@@ -453,12 +504,22 @@ def main() -> None:
     parser.add_argument("--labeled", required=True, help="hippocampus: 10pct|5pct; acdc: 3|7; la: 4|8")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu-small")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
+    parser.add_argument("--epochs", type=int, help="override the profile's epochs (recorded in results.json)")
+    parser.add_argument("--iters-per-epoch", type=int, help="override the profile's iterations per epoch")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--device", default=None)
     parser.add_argument("--shared", help="folder with hippocampus/, acdc/, la/ (default ../shared/data)")
     parser.add_argument("--work", type=Path, default=REPO / "work_dirs")
     parser.add_argument("--results", type=Path, default=REPO / "results")
     parser.add_argument("--cost-steps", type=int, default=30)
+    parser.add_argument(
+        "--train-budget",
+        type=float,
+        metavar="SECONDS",
+        help="measure the step cost first, then set iterations per epoch so all runs train in about SECONDS "
+        "(gpu-short: 300 by default)",
+    )
+    parser.add_argument("--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
     args = parser.parse_args()
     import torch
 
@@ -466,12 +527,27 @@ def main() -> None:
     profile = PROFILES[args.profile]
     if args.seeds:
         profile = Profile(**{**asdict(profile), "seeds": tuple(args.seeds)})
+    if args.epochs:
+        profile = Profile(**{**asdict(profile), "epochs": args.epochs})
+    if args.iters_per_epoch:
+        profile = Profile(**{**asdict(profile), "iters_per_epoch": args.iters_per_epoch})
     exp = SETUPS[args.dataset](_shared(args), args.work.resolve(), args.labeled)
     out = args.results / args.dataset / profile.name / args.labeled
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    result = run_experiment(exp, profile, device, out, tuple(args.modes))
-    cost = measure_cost(exp, result["configuration"], device, args.cost_steps)
+    modes = tuple(args.modes)
+    prepared = prepare_experiment(exp, profile, args.num_processes)
+    cost = None
+    budget = args.train_budget or profile.train_budget_seconds
+    if budget:
+        cost = measure_cost(exp, configuration_for(exp, profile), device, args.cost_steps)
+        if "median_seconds" not in cost:
+            sys.exit(f"step-cost measurement failed:\n{cost['error']}")
+        profile = fit_to_budget(profile, cost, modes, budget)
+        print(f"[benchmark] {budget:.0f} s training budget: {profile.epochs} x {profile.iters_per_epoch}", flush=True)
+    result = run_experiment(exp, profile, device, out, modes, prepared)
+    if cost is None:
+        cost = measure_cost(exp, result["configuration"], device, args.cost_steps)
     summary, table = summarise(exp, profile, result, cost)
     command = " ".join(["python", "benchmarks/run.py", *sys.argv[1:]])
     payload = {

@@ -425,3 +425,29 @@ def test_add_labels_moves_cases_without_replanning(prepared: Path, tmp_path: Pat
         assert "re-planning" not in again.stdout
         assert json.loads((pre / MANIFEST_NAME).read_text())["labeled_ids"] == manifest["labeled_ids"]
         assert (pre / "nnUNetPlans.json").stat().st_mtime_ns == plans_mtime
+
+
+def test_continue_after_add_labels_drops_them_from_the_pool(prepared: Path, tmp_path: Path) -> None:
+    """Query, annotate, add labels, `train --continue`: the run goes on without the now-labelled cases in its pool."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    env = nnunet_env(root)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        cases = small_prepared_tree(prepared, root, 4)
+        train = ["train", "-d", "901", "-c", CONFIG, "-f", "all", "--mode", "ssl", "--device", "cpu"]
+        short = ["--iters-per-epoch", "2", "--val-iters-per-epoch", "1", "--warmup-epochs", "0", "--save-every", "1"]
+        run_cli_subprocess([*train, *short, "--epochs", "1", "--no-final-validation"], env)
+        annotations = tmp_path / "annotated"
+        annotations.mkdir()
+        shutil.copy(SUBSET / "labelsTr" / f"{cases[0]}.nii.gz", annotations)
+        assert main(["prepare", "-d", "901", "--add-labels", str(annotations)]) == 0
+
+        run_cli_subprocess([*train, "--continue", "--epochs", "2", "--no-final-validation"], env)
+        out = root / "results" / DATASET / f"nnFilterMatchTrainer_ssl__nnUNetPlans__{CONFIG}" / "fold_all"
+        checkpoint = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        assert checkpoint["current_epoch"] == 2
+        assert checkpoint["init_args"][STATE_KEY]["pool"] == sorted(cases[1:])
+        log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+        assert f"no longer unlabelled (labelled with prepare --add-labels, or removed): {cases[0]}" in log

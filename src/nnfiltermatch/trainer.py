@@ -513,6 +513,23 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         if self.local_rank == 0 and os.path.isfile(partial):
             os.replace(partial, filename)
 
+    def _pool_still_unlabeled(self, pool: list[str] | None) -> list[str] | None:
+        """The saved pool minus cases that left the unlabelled folder since (``prepare --add-labels``).
+
+        Why: after annotating queried cases the user continues the run; those cases now train as labelled ones
+        (nnU-Net reads them from its folder) and their unlabelled copies are gone, so drawing them would fail.
+        """
+        if pool is None:
+            return None
+        available = set(UnlabeledDataset.get_identifiers(str(self.unlabeled_folder)))
+        gone = [case for case in pool if case not in available]
+        if gone:
+            self.print_to_log_file(
+                f"{len(gone)} case(s) of the saved unlabelled pool are no longer unlabelled (labelled with prepare "
+                f"--add-labels, or removed): {', '.join(gone)}. The pool continues without them."
+            )
+        return [case for case in pool if case in available]
+
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         if isinstance(filename_or_checkpoint, str):
             from nnfiltermatch.inference import load_checkpoint_safely
@@ -528,7 +545,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             )
         if state["mode"] != self.mode:
             raise PreparationError(f"checkpoint is from mode {state['mode']!r}, this trainer runs {self.mode!r}")
-        self.pool = state["pool"]
+        self.pool = self._pool_still_unlabeled(state["pool"])
         self.filter_rounds = state["filter_rounds"]
         self.running_scores = state.get("running_scores", {}) if self.local_rank == 0 else {}
         if self.teacher is not None and state["teacher"] is not None:

@@ -339,6 +339,33 @@ def test_input_errors(model: Model, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not list(model.inputs.glob(f"{CASES[0]}.nii.gz"))
 
 
+@pytest.mark.usefixtures("no_model_loading")
+def test_broken_images_are_refused_before_the_model_loads(
+    model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Truncated .nii.gz and NaN/inf voxels would be read as zeros and segmented silently; garbage crashed a worker."""
+    inputs = tmp_path / "in"
+    shutil.copytree(model.inputs, inputs)
+    source = inputs / f"{CASES[0]}_0000.nii.gz"
+    good = source.read_bytes()
+    shutil.copy(source, inputs / "truncated_0000.nii.gz")
+    (inputs / "truncated_0000.nii.gz").write_bytes(good[: len(good) // 2])
+    (inputs / "garbage_0000.nii.gz").write_bytes(b"not an image" * 20)
+    original = sitk.ReadImage(str(source))
+    arr = sitk.GetArrayFromImage(original).astype(np.float32)
+    arr[0, 0, :2] = np.nan
+    arr[1, 1, 1] = -np.inf
+    broken = sitk.GetImageFromArray(arr)
+    broken.CopyInformation(original)
+    sitk.WriteImage(broken, str(inputs / "nonfinite_0000.nii.gz"))
+    sitk.WriteImage(sitk.JoinSeries([original, original]), str(inputs / "fourd_0000.nii.gz"))
+    code, err = _run_cli(capsys, "-i", inputs, "-o", tmp_path / "out", "-m", model.model_dir, *FAST)
+    assert code == 2 and f"-i {inputs}: 4 image(s) cannot be used; nothing was predicted" in err
+    assert "truncated_0000.nii.gz is truncated" in err and "garbage_0000.nii.gz cannot be read" in err
+    assert "nonfinite_0000.nii.gz contains 2 NaN and 1 infinite voxel(s)" in err and "fourd_0000.nii.gz is 4D" in err
+    assert CASES[0] not in err and not (tmp_path / "out").exists()
+
+
 def test_model_dir_from_dataset_configuration_mode(model: Model, capsys: pytest.CaptureFixture[str]) -> None:
     assert resolve_model_dir("901", CONFIG, "filtermatch") == model.model_dir
     assert resolve_model_dir(DATASET, CONFIG, "filtermatch", plans="nnUNetPlans") == model.model_dir

@@ -371,6 +371,21 @@ def collect_cases(input_dir: Path, dataset_json: dict[str, Any]) -> dict[str, li
     return {case: [found[c] for c in range(n_channels)] for case, found in sorted(by_case.items())}
 
 
+def check_input_images(input_dir: Path, cases: dict[str, list[Path]], dataset_json: dict[str, Any]) -> None:
+    """The file checks prepare runs on training images, before any model is loaded: nnU-Net's reader zero-fills a
+    truncated .nii.gz and turns NaN/inf into 0, so without them such an input is segmented without a word."""
+    from nnfiltermatch.inventory import check_image_files
+
+    files = [f for channel_files in cases.values() for f in channel_files]
+    problems = check_image_files(files, Path(input_dir), dataset_json.get("file_ending", ".nii.gz"))
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems[:_LISTED])
+        more = f"\n  ... and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
+        raise PredictionError(
+            f"-i {input_dir}: {len(problems)} image(s) cannot be used; nothing was predicted:\n{listed}{more}"
+        )
+
+
 def _names(paths: Sequence[Path]) -> str:
     names = [p.name for p in paths[:_LISTED]]
     return ", ".join(names) + (f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else "")
@@ -397,13 +412,15 @@ def predict_folder(
     """Segment every case of ``input_dir`` into ``output_dir`` (CASE<ending>); returns the written files.
 
     Everything that can be checked cheaply (model folder, checkpoints, inputs, output folder) is checked before
-    the checkpoints are loaded or any image is read. On CPU, 1 preprocessing and 1 export worker.
+    the checkpoints are loaded; input images are checked like training images (headers, truncation, NaN/inf).
+    On CPU, 1 preprocessing and 1 export worker.
     """
     input_dir, output_dir, model_dir = Path(input_dir), Path(output_dir), Path(model_dir)
     _, dataset_json = read_model_folder(model_dir)
     checkpoint_files(model_dir, folds, checkpoint)
     cases = collect_cases(input_dir, dataset_json)
     _check_output_dir(output_dir, input_dir)
+    check_input_images(input_dir, cases, dataset_json)
     device = device or default_device()
     predictor = load_predictor(model_dir, folds, checkpoint, device, mirroring, step_size)
     previous = predictor.configuration_manager.previous_stage_name

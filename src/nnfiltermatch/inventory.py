@@ -32,6 +32,7 @@ __all__ = [
     "DataValidationError",
     "DatasetInventory",
     "build_inventory",
+    "check_image_files",
     "read_labeled_list",
     "sample_labeled_ids",
     "write_labeled_list",
@@ -650,6 +651,59 @@ def _nifti_truncation_problem(path: Path) -> str | None:
     return None
 
 
+def _header_problem(path: Path, root: Path, file_ending: str) -> tuple[_Geometry | None, str | None]:
+    """The geometry of a usable image file, or None and why it is not (unreadable, not 2D/3D, vector, truncated)."""
+    try:
+        g = _read_header(path)
+    except RuntimeError as e:
+        return None, (
+            f"{_rel(path, root)} cannot be read (corrupt, truncated or not a {file_ending} image): {_first_line(e)}; "
+            "re-export or replace the file"
+        )
+    if g.dim not in (2, 3):
+        return None, (
+            f"{_rel(path, root)} is {g.dim}D (size {g.size}); nnU-Net needs 2D or 3D images with one file per "
+            "channel: split 4D/multi-channel volumes into _0000, _0001, ... files"
+        )
+    if g.components != 1:
+        return None, (
+            f"{_rel(path, root)} has {g.components} values per voxel (a vector/RGB image); nnU-Net needs one file per "
+            f"channel: split it into _0000, _0001, ... files and list {g.components} channels in dataset.json "
+            "'channel_names'"
+        )
+    truncated = _nifti_truncation_problem(path)
+    if truncated:
+        return None, f"{_rel(path, root)} {truncated}; re-export or replace the file"
+    return g, None
+
+
+def _voxel_problem(path: Path, root: Path) -> str | None:
+    """NaN/inf voxels (nnU-Net's reader would silently turn them into 0) or a file that fails a full read."""
+    problems: list[str] = []
+    nan, inf = _count_nonfinite(path, problems, root)
+    if nan or inf:
+        problems.append(
+            f"{_rel(path, root)} contains {nan} NaN and {inf} infinite voxel(s), which nnU-Net's reader would silently "
+            "turn into 0; replace them (e.g. with the image minimum) or remove the case"
+        )
+    return "; ".join(problems) or None
+
+
+def check_image_files(files: Iterable[Path], root: Path, file_ending: str) -> list[str]:
+    """What makes these image files unusable (the checks prepare runs), for inputs that bypass prepare (predict).
+
+    Headers and gzip trailers only, plus a full read of floating-point files, which alone can hold NaN/inf.
+    """
+    problems: list[str] = []
+    for f in files:
+        g, problem = _header_problem(Path(f), root, file_ending)
+        if g is None:
+            problems.append(str(problem))
+        elif g.floating and (problem := _voxel_problem(Path(f), root)):
+            problems.append(problem)
+    return problems
+
+
 def _check_contents(inv: DatasetInventory, allowed_labels: set[int], progress: bool) -> None:
     """Read headers of all images, then labelled and floating-point images and labels in full; raise once with every
     problem found."""
@@ -668,30 +722,9 @@ def _check_contents(inv: DatasetInventory, allowed_labels: set[int], progress: b
             geoms: list[_Geometry] = []
             for f in case.image_files:
                 bar.update(1)
-                try:
-                    g = _read_header(f)
-                except RuntimeError as e:
-                    problems.append(
-                        f"{_rel(f, raw)} cannot be read (corrupt, truncated or not a {inv.file_ending} image): "
-                        f"{_first_line(e)}; re-export or replace the file"
-                    )
-                    continue
-                if g.dim not in (2, 3):
-                    problems.append(
-                        f"{_rel(f, raw)} is {g.dim}D (size {g.size}); nnU-Net needs 2D or 3D images with one file "
-                        "per channel: split 4D/multi-channel volumes into _0000, _0001, ... files"
-                    )
-                    continue
-                if g.components != 1:
-                    problems.append(
-                        f"{_rel(f, raw)} has {g.components} values per voxel (a vector/RGB image); nnU-Net needs one "
-                        f"file per channel: split it into _0000, _0001, ... files and list {g.components} channels "
-                        "in dataset.json 'channel_names'"
-                    )
-                    continue
-                truncated = _nifti_truncation_problem(f)
-                if truncated:
-                    problems.append(f"{_rel(f, raw)} {truncated}; re-export or replace the file")
+                g, problem = _header_problem(f, raw, inv.file_ending)
+                if g is None:
+                    problems.append(str(problem))
                     continue
                 dims.setdefault(g.dim, _rel(f, raw))
                 geoms.append(g)
@@ -710,12 +743,9 @@ def _check_contents(inv: DatasetInventory, allowed_labels: set[int], progress: b
                 # (nnU-Net's reader would silently turn those into 0), so large integer-typed pools stay cheap.
                 if not (is_labeled or g.floating):
                     continue
-                nan, inf = _count_nonfinite(f, problems, raw)
-                if nan or inf:
-                    problems.append(
-                        f"{_rel(f, raw)} contains {nan} NaN and {inf} infinite voxel(s), which nnU-Net's reader would "
-                        "silently turn into 0; replace them (e.g. with the image minimum) or remove the case"
-                    )
+                problem = _voxel_problem(f, raw)
+                if problem:
+                    problems.append(problem)
 
     if len(dims) > 1:
         examples = ", ".join(f"{d}D (e.g. {name})" for d, name in sorted(dims.items()))

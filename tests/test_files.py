@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
 from nnfiltermatch import files
-from nnfiltermatch.files import atomic_write_bytes, atomic_write_text
+from nnfiltermatch.files import atomic_write_bytes, atomic_write_text, disk_full_reason, format_size
 
 
 def test_writes_replaces_and_leaves_nothing_else(tmp_path: Path) -> None:
@@ -59,3 +60,35 @@ def test_a_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.undo()
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_disk_full_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC anywhere in the chain is a full disk; other errors only when they say nothing and no space is left."""
+    enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "x.pkl")
+    assert "No space left on device" in (disk_full_reason(enospc, tmp_path) or "")
+    in_worker = RuntimeError("worker failed")
+    in_worker.__cause__ = enospc  # how an error raised in a worker process comes back
+    assert disk_full_reason(in_worker, tmp_path) is not None
+    blosc2_words = RuntimeError("Error while creating the NDArray")
+    assert shutil.disk_usage(tmp_path).free > 2**30, "this test needs a disk with room"
+    assert disk_full_reason(blosc2_words, tmp_path) is None
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=3 * 2**20))
+    assert (
+        disk_full_reason(blosc2_words, tmp_path) == "RuntimeError: Error while creating the NDArray; only 3.0 MiB free"
+    )
+    assert disk_full_reason(OSError("write failed"), tmp_path) is not None
+    assert disk_full_reason(OSError(errno.EACCES, "Permission denied"), tmp_path) is None
+    assert disk_full_reason(ValueError("bad value"), tmp_path) is None
+
+    class OwnError(RuntimeError):
+        """An error of ours that names its own cause (e.g. PreparationError)."""
+
+    assert disk_full_reason(OwnError("-c 3d_lowres: not in the plans"), tmp_path) is None
+    assert [format_size(n) for n in (512, 3 * 2**20, 1.25 * 2**30, 5 * 2**40)] == [
+        "512 bytes",
+        "3.0 MiB",
+        "1.2 GiB",
+        "5120.0 GiB",
+    ]

@@ -20,7 +20,6 @@ from nnfiltermatch.preparation import (
     MANIFEST_NAME,
     PreparationError,
     _current_digest,
-    _disk_full,
     add_cpu_configuration,
     dataset_name_from_id,
     load_prepared,
@@ -249,18 +248,6 @@ def test_disk_full_after_replanning_keeps_the_previous_plans(
     assert _files(root / "raw") == raw_before
     assert _files(out) == out_before
     assert json.loads((out / MANIFEST_NAME).read_text())["labeled_ids"] == LABELED
-
-
-def test_other_errors_are_not_called_a_full_disk(tmp_path: Path) -> None:
-    enospc = OSError(errno.ENOSPC, "No space left on device", "x.pkl")
-    assert "No space left on device" in (_disk_full(enospc, tmp_path) or "")
-    wrapped = RuntimeError("worker failed")
-    wrapped.__cause__ = enospc
-    assert _disk_full(wrapped, tmp_path) is not None  # ENOSPC raised in a worker process, re-raised in the parent
-    assert shutil.disk_usage(tmp_path).free > 2**30, "this check needs a disk with room"
-    assert _disk_full(RuntimeError("Error while creating the NDArray"), tmp_path) is None
-    assert _disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path) is None
-    assert _disk_full(PreparationError("-c 3d_lowres: not in the plans"), tmp_path) is None
 
 
 def test_bad_input_leaves_an_earlier_preparation_alone(prepared_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:

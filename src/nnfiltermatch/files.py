@@ -3,9 +3,13 @@ a half-written result."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
+
+LOW_DISK_BYTES = 64 * 2**20  # below this much free space, a failed write is taken for a full disk
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> Path:
@@ -29,3 +33,33 @@ def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """UTF-8 text through ``atomic_write_bytes``."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def disk_full_reason(exc: BaseException, folder: str | os.PathLike[str]) -> str | None:
+    """Why ``exc`` looks like a full disk under ``folder``, or None: ENOSPC/EDQUOT anywhere in its chain, or a plain
+    RuntimeError (or an OSError without errno) while almost no space is left.
+
+    The second case is needed because blosc2 (nnU-Net's preprocessed files) reports a full disk as a plain
+    RuntimeError. Measure before removing partial output, which frees the space again.
+    """
+    free = shutil.disk_usage(folder).free
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{seen}; {format_size(free)} free"
+        seen = seen.__cause__ or seen.__context__
+    unexplained = type(exc) is RuntimeError or (isinstance(exc, OSError) and exc.errno is None)
+    if unexplained and free < LOW_DISK_BYTES:
+        return f"{type(exc).__name__}: {exc}; only {format_size(free)} free"
+    return None
+
+
+def format_size(n: float) -> str:
+    """Bytes for people: 512 bytes, 3.0 MiB, 1.2 GiB."""
+    if n < 1024:
+        return f"{n:.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"

@@ -8,7 +8,6 @@ are never opened: every nnU-Net step below is handed an explicit list of labelle
 from __future__ import annotations
 
 import copy
-import errno
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from nnfiltermatch.files import atomic_write_text
+from nnfiltermatch.files import atomic_write_text, disk_full_reason, format_size
 from nnfiltermatch.inventory import Case, DatasetInventory, build_inventory, sample_labeled_ids, write_labeled_list
 
 MANIFEST_NAME = "nnfiltermatch_prepare.json"
@@ -36,7 +35,6 @@ STAGING_NAME = ".add_labels.partial"
 PREPARE_STAGING_NAME = ".prepare.staging"  # new plans, fingerprint, lists until installed
 PREPARE_TRASH_NAME = ".prepare.replaced"  # what an install replaced, until the manifest is in
 PARTIAL_SUFFIX = ".partial"  # preprocessed data being written
-LOW_DISK_BYTES = 64 * 2**20  # below this, a failed write is reported as a full disk
 CPU_SUFFIX = "_cpu"
 DEFAULT_PLANS = "nnUNetPlans"
 
@@ -386,7 +384,7 @@ def prepare(
         else:
             atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
     except BaseException as exc:
-        full = _disk_full(exc, out)
+        full = None if isinstance(exc, PreparationError) else disk_full_reason(exc, out)
         written, cases_written = _partial_usage(out)
         shutil.rmtree(staging, ignore_errors=True)
         _remove_leftovers(out)
@@ -396,7 +394,7 @@ def prepare(
             raise
         total = len(inventory.labeled) + len(inventory.unlabeled)
         need = (
-            f" (it needs about {_size(written / cases_written * total)}, estimated from the {cases_written} of "
+            f" (it needs about {format_size(written / cases_written * total)}, estimated from the {cases_written} of "
             f"{total} cases written before the failure)"
             if cases_written
             else ""
@@ -418,24 +416,6 @@ def prepare(
     return load_prepared(dataset_name)
 
 
-def _disk_full(exc: BaseException, folder: Path) -> str | None:
-    """Why ``exc`` looks like a full disk (ENOSPC/EDQUOT anywhere in its chain, or almost no free space), else None.
-
-    blosc2, which writes nnU-Net's preprocessed files, reports a full disk as a bare RuntimeError, so the free space
-    is checked too; it must be measured before the partial output is removed.
-    """
-    free = shutil.disk_usage(folder).free
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return f"{seen}; {_size(free)} free"
-        seen = seen.__cause__ or seen.__context__
-    low_level = isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, PreparationError)
-    if low_level and free < LOW_DISK_BYTES:
-        return f"{type(exc).__name__}: {exc}; only {_size(free)} free"
-    return None
-
-
 def _partial_usage(out: Path) -> tuple[int, int]:
     """Bytes in the ``.partial`` folders of a failed prepare and how many cases they completed (one .pkl each)."""
     written = cases = 0
@@ -446,14 +426,6 @@ def _partial_usage(out: Path) -> tuple[int, int]:
                     written += f.stat().st_size
                     cases += f.suffix == ".pkl"
     return written, cases
-
-
-def _size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _with_added_labels(

@@ -288,6 +288,36 @@ def test_failure_while_writing_leaves_nothing(tmp_path: Path, raw: Path, monkeyp
     assert list(raw.iterdir()) == []
 
 
+def test_disk_full_is_caught_although_itk_does_not_raise(
+    tmp_path: Path, raw: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a full disk ITK's NIfTI writer prints "wrote only 0 of N bytes" and returns: each file is read back, so the
+    conversion stops with a clear error instead of installing truncated images; an existing dataset stays."""
+    import shutil
+
+    convert_la_h5(la_source(tmp_path / "first", cases=("Z9",)), 5, progress=False)
+    before = {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*") if p.is_file()}
+    real_write, written = sitk.WriteImage, []
+
+    def fills_the_disk(image: sitk.Image, path: str, *args: object) -> None:
+        real_write(image, path, *args)
+        written.append(path)
+        if len(written) >= 3:  # what a full disk leaves: the start of the gzip stream, no error
+            Path(path).write_bytes(Path(path).read_bytes()[:30])
+
+    monkeypatch.setattr(sitk, "WriteImage", fills_the_disk)
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=0))
+    src = la_source(tmp_path)
+    assert main(["convert", "la-h5", str(src), "-d", "5", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"no space left on the disk of {raw} while writing Dataset005_LA" in err
+    assert "B2_0000.nii.gz was written incompletely" in err and "only 0 bytes free" in err
+    assert f"{raw / 'Dataset005_LA'} is as it was" in err and "Free up space" in err and "nnUNet_raw" in err
+    assert {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in raw.iterdir()) == ["Dataset005_LA"]  # no temporary folder left
+
+
 def test_target_checks(tmp_path: Path, raw: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = la_source(tmp_path)
     (raw / "Dataset005_Other").mkdir()

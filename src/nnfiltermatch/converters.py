@@ -30,7 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from nnfiltermatch.inventory import MAX_LISTED_PROBLEMS, DataValidationError, write_labeled_list
+from nnfiltermatch.files import disk_full_reason
+from nnfiltermatch.inventory import (
+    MAX_LISTED_PROBLEMS,
+    DataValidationError,
+    _first_line,
+    _nifti_truncation_problem,
+    _read_header,
+    write_labeled_list,
+)
 
 __all__ = [
     "ACDC_LABELED_PATIENTS",
@@ -284,6 +292,14 @@ def _write_nifti(array: np.ndarray, path: Path, spacing: tuple[float, float, flo
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
     sitk.WriteImage(image, str(path), True)
+    # On a full disk ITK's NIfTI writer only prints "wrote only 0 of N bytes" and returns normally: read it back.
+    try:
+        _read_header(path)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{path} was written incompletely ({_first_line(exc)})") from exc
+    incomplete = _nifti_truncation_problem(path)
+    if incomplete:
+        raise RuntimeError(f"{path} was written incompletely: it {incomplete}")
 
 
 def _fix_permissions(folder: Path) -> None:
@@ -342,9 +358,17 @@ def _write_dataset(
                 old.unlink()
         else:
             os.rename(tmp, target)
-    except BaseException:
+    except BaseException as exc:
+        full = None if isinstance(exc, DataValidationError) else disk_full_reason(exc, raw_root)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if full is None:
+            raise
+        raise ConversionError(
+            f"no space left on the disk of {raw_root} while writing {target.name} ({full}). Nothing was written: the "
+            f"partial copy was removed{' and ' + str(target) + ' is as it was' if target.exists() else ''}, and "
+            f"{src} was only read. Free up space on that disk or set nnUNet_raw to a folder on a larger disk, then "
+            "convert again."
+        ) from exc
 
 
 def _dataset_json(

@@ -29,7 +29,7 @@ MODES = ("supervised", "ssl")
 
 def _trainer(dataset: str, configuration: str, mode: str, device: torch.device):
     # warm-up 0 so that every timed step of mode ssl is a semi-supervised one
-    config = resolve_config({"mode": mode, "epochs": 10, "warmup_epochs": 0, "rampup_epochs": 0})
+    config = resolve_config({"mode": mode, "epochs": 10, "warmup_epochs": 0, "rampup_epochs": 0, "ssl_start_dice": 0.0})
     trainer = build_trainer(dataset, configuration, "all", config, device)
     trainer.on_train_start()
     trainer.on_train_epoch_start()

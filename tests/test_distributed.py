@@ -153,6 +153,8 @@ def test_two_process_training_keeps_ranks_identical(prepared: Path, tmp_path: Pa
         "1",
         "--warmup-epochs",
         "1",
+        "--ssl-start-dice",
+        "0",
         "--filter-start",
         "2",
         "--filter-scoring",

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from nnfiltermatch.pseudo_labels import ema_update, pseudo_labels_for_scales, pseudo_labels_from_logits, ramp_weight
+from nnfiltermatch.pseudo_labels import (
+    ema_update,
+    every_class_segmented,
+    pseudo_labels_for_scales,
+    pseudo_labels_from_logits,
+    ramp_weight,
+)
 
 IGN = 3  # ignore label: one past the real classes 0..2, as nnU-Net numbers it
 
@@ -159,3 +165,11 @@ def test_ramp_weight() -> None:
     assert math.isclose(ramp_weight(0, 0, 10, 1.0), 0.1)
     with pytest.raises(ValueError):
         ramp_weight(-1, 0, 1, 1.0)
+
+
+def test_every_class_segmented_needs_each_class_at_the_floor() -> None:
+    assert every_class_segmented([], 0.0) and every_class_segmented([[0.0]], 0.0)  # 0: never waits
+    assert not every_class_segmented([], 0.5)  # no validation yet
+    assert not every_class_segmented([[0.9, 0.9], [0.49, 0.9]], 0.5)  # the last validation counts
+    assert every_class_segmented([[0.0, 0.1], [0.5, 0.9]], 0.5)
+    assert not every_class_segmented([[float("nan"), 0.9]], 0.5)  # a class never seen in validation

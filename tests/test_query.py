@@ -51,7 +51,8 @@ N_UNLABELED = 10
 TRAIN_ARGS = [
     "train", "-d", "901", "-c", CONFIG, "-f", "all", "--mode", "filtermatch", "--device", "cpu",
     "--epochs", "2", "--iters-per-epoch", "3", "--val-iters-per-epoch", "1", "--warmup-epochs", "1",
-    "--filter-start", "1", "--teacher", "student", "--filter-tile-step", "1.0", "--no-final-validation",
+    "--ssl-start-dice", "0", "--filter-start", "1", "--teacher", "student", "--filter-tile-step", "1.0",
+    "--no-final-validation",
 ]  # fmt: skip
 
 
@@ -437,7 +438,16 @@ def test_continue_after_add_labels_drops_them_from_the_pool(prepared: Path, tmp_
             mp.setenv(key, value)
         cases = small_prepared_tree(prepared, root, 4)
         train = ["train", "-d", "901", "-c", CONFIG, "-f", "all", "--mode", "ssl", "--device", "cpu"]
-        short = ["--iters-per-epoch", "2", "--val-iters-per-epoch", "1", "--warmup-epochs", "0", "--save-every", "1"]
+        short = [
+            "--iters-per-epoch",
+            "2",
+            "--val-iters-per-epoch",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--ssl-start-dice",
+            "0",
+        ]
         run_cli_subprocess([*train, *short, "--epochs", "1", "--no-final-validation"], env)
         annotations = tmp_path / "annotated"
         annotations.mkdir()

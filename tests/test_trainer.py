@@ -24,6 +24,7 @@ SHORT = {
     "iters_per_epoch": 3,
     "val_iters_per_epoch": 1,
     "warmup_epochs": 1,
+    "ssl_start_dice": 0.0,  # the gate is tested on its own: these tests need pseudo-labels after warm-up
     "save_every": 1,
     "filter_tile_step": 1.0,
 }
@@ -95,8 +96,8 @@ def test_rebuilt_loader_draws_only_kept_cases(prepared: Path) -> None:
         trainer.on_train_end()
 
 
-def test_teacher_starts_from_the_warmed_up_student(prepared: Path) -> None:
-    config = resolve_config({**SHORT, "mode": "ssl"})  # warm-up: epoch 0
+def test_pseudo_labels_wait_for_every_class_then_the_teacher_copies_the_student(prepared: Path) -> None:
+    config = resolve_config({**SHORT, "mode": "ssl", "ssl_start_dice": 0.5})  # warm-up: epoch 0
     trainer = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
     trainer.on_train_start()
     try:
@@ -105,12 +106,21 @@ def test_teacher_starts_from_the_warmed_up_student(prepared: Path) -> None:
         with torch.no_grad():  # stands in for the warm-up's supervised training
             for parameter in student.parameters():
                 parameter.add_(0.5)
-        trainer.current_epoch = 0
-        assert not trainer.start_teacher_if_due() and trainer.pseudo_label_model() is student
+        dice = trainer.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"]
+        for epoch, last_dice in ((0, [0.9, 0.9]), (1, [0.0, 0.7]), (2, [0.45, 0.8])):  # warm-up, then a class missed
+            trainer.current_epoch = epoch
+            dice.append(last_dice)
+            assert not trainer.start_semi_supervision_if_due() and not trainer.semi_supervised_now()
+            assert trainer.pseudo_label_model() is student
         assert not all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
-        trainer.current_epoch = 1
-        assert trainer.start_teacher_if_due() and trainer.pseudo_label_model() is teacher
+        trainer.current_epoch = 3
+        dice.append([0.55, 0.8])
+        assert trainer.start_semi_supervision_if_due() and trainer.ssl_start_epoch == 3
+        assert trainer.semi_supervised_now() and trainer.pseudo_label_model() is teacher
         assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
+        assert trainer.state_for_checkpoint()["ssl_start_epoch"] == 3
+        trainer.current_epoch = 4
+        assert not trainer.start_semi_supervision_if_due() and trainer.ssl_start_epoch == 3  # decided once
     finally:
         trainer.on_train_end()
 
@@ -163,6 +173,8 @@ def test_killed_run_resumes_with_pool_rounds_and_optimiser(prepared: Path) -> No
         "1",
         "--warmup-epochs",
         "1",
+        "--ssl-start-dice",
+        "0",
         "--filter-start",
         "2",
         "--filter-every",

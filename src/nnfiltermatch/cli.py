@@ -89,6 +89,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     s = p.add_argument_group("semi-supervised step")
     s.add_argument("--unlabeled-ratio", type=float, help="unlabelled : labelled batch size (default 1)")
     s.add_argument("--warmup-epochs", type=int, help="supervised-only epochs first (default 10%% of --epochs)")
+    s.add_argument(
+        "--ssl-start-dice",
+        type=float,
+        help="after warm-up, wait until nnU-Net's validation pseudo-Dice of every class reaches this before pseudo-"
+        "labels are used (default 0.5; 0 starts right after warm-up)",
+    )
     s.add_argument("--teacher", choices=TEACHERS, help="pseudo-labels from the student or its EMA (default ema)")
     s.add_argument("--ema-decay", type=float)
     s.add_argument("--tau", type=float, help="confidence threshold; 0 reproduces the paper (default 0.9)")
@@ -203,6 +209,7 @@ TRAIN_OPTION_NAMES = (
     "save_every",
     "unlabeled_ratio",
     "warmup_epochs",
+    "ssl_start_dice",
     "teacher",
     "ema_decay",
     "tau",

@@ -44,6 +44,8 @@ class TrainConfig:
     # semi-supervised step
     unlabeled_ratio: float = 1.0
     warmup_epochs: int | None = None
+    # the unlabelled term starts only once the validation pseudo-Dice of every class reached this (0: at warm-up end)
+    ssl_start_dice: float = 0.5
     teacher: str = "ema"
     ema_decay: float = 0.99
     tau: float = 0.9
@@ -100,6 +102,8 @@ class TrainConfig:
             problems.append(f"--val-iters-per-epoch must be >= 0, got {self.val_iters_per_epoch}")
         if not 0.0 <= self.tau < 1.0:
             problems.append(f"--tau must be in [0, 1), got {self.tau}")
+        if not 0.0 <= self.ssl_start_dice <= 1.0:
+            problems.append(f"--ssl-start-dice must be in [0, 1], got {self.ssl_start_dice}")
         if not 0.0 <= self.filter_drop < 1.0:
             problems.append(f"--filter-drop must be in [0, 1), got {self.filter_drop}")
         if not 0.0 < self.ema_decay < 1.0:
@@ -152,6 +156,7 @@ def paper_values(labeled_fraction: float | None) -> dict[str, Any]:
         "lr": 5e-3 if five_percent else 1e-2,
         "weight_decay": 3e-3 if five_percent else 3e-5,
         "warmup_epochs": 5 if five_percent else 20,
+        "ssl_start_dice": 0.0,
         "tau": 0.0,
         "teacher": "student",
         "lambda_u": 1.0,

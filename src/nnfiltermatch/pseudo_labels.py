@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["pseudo_labels_from_logits", "pseudo_labels_for_scales", "ema_update", "ramp_weight"]
+__all__ = [
+    "pseudo_labels_from_logits",
+    "pseudo_labels_for_scales",
+    "ema_update",
+    "ramp_weight",
+    "every_class_segmented",
+]
 
 
 def pseudo_labels_from_logits(logits: Tensor, tau: float, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -114,3 +120,17 @@ def ramp_weight(epoch: int, warmup_epochs: int, rampup_epochs: int, lambda_u: fl
     if rampup_epochs <= 0:
         return float(lambda_u)
     return float(lambda_u) * min(1.0, (epoch - warmup_epochs + 1) / rampup_epochs)
+
+
+def every_class_segmented(dice_per_class_history: list[list[float]], floor: float) -> bool:
+    """Whether the last validation's pseudo-Dice of every foreground class is at least ``floor``.
+
+    Why: pseudo-labels from a model that does not yet find a class teach that class's voxels as background; at
+    small compute this erased whole classes. ``floor <= 0`` never waits. No validation yet: not ready.
+    """
+    if floor <= 0:
+        return True
+    if not dice_per_class_history:
+        return False
+    last = [float(d) for d in dice_per_class_history[-1]]
+    return bool(last) and all(d == d and d >= floor for d in last)  # d == d: NaN (class absent) is not ready

@@ -393,7 +393,10 @@ def build_report(
                 f"--evaluation {evaluation} is not a summary of `nnfiltermatch evaluate -o` (no cases/per_class/labels)"
             )
 
-    warmup = config.get("warmup_epochs")
+    # where pseudo-labels actually started (they wait for every class, see --ssl-start-dice), else the warm-up
+    weights = logging.get("unsup_weight") or []
+    started = [epoch for epoch, weight in enumerate(weights) if weight and weight > 0]
+    warmup = started[0] if started else config.get("warmup_epochs")
     filter_epochs = [int(r["epoch"]) for r in rounds]
     epochs_done = len(logging.get("train_losses") or [])
     sections: list[tuple[str, str, str]] = []  # (anchor, title, html)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, resolve_config
 from nnfiltermatch.preparation import PreparationError
-from nnfiltermatch.pseudo_labels import ema_update, pseudo_labels_for_scales, ramp_weight
+from nnfiltermatch.pseudo_labels import ema_update, every_class_segmented, pseudo_labels_for_scales, ramp_weight
 from nnfiltermatch.uncertainty import reduce_case_score, select_cases_to_drop, voxel_entropy
 from nnfiltermatch.unlabeled import UnlabeledDataset, make_unlabeled_loader, shutdown_loader
 from nnfiltermatch.views import cutmix, cutout, sample_geometric_transform, strong_intensity
@@ -125,6 +125,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         # per-case [sum of patch scores, count] from the weak-view predictions since the last filter round
         self.running_scores: dict[str, list[float]] = {}
         self.teacher: nn.Module | None = None
+        self.ssl_start_epoch: int | None = None  # first epoch with pseudo-labels (see start_semi_supervision_if_due)
         self.dataloader_unlabeled: Any = None
         self._epoch_stats: list[dict[str, float]] = []
         self._view_rng = torch.Generator()
@@ -245,35 +246,50 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
 
     # ----- the semi-supervised step -------------------------------------------------------------------------
     def semi_supervised_now(self) -> bool:
-        assert self.fm.warmup_epochs is not None
-        return self.fm.uses_unlabeled and self.current_epoch >= self.fm.warmup_epochs
+        return self.ssl_start_epoch is not None and self.current_epoch >= self.ssl_start_epoch
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self._epoch_stats = []
         # per rank, so DDP ranks draw different strong views (rank 0, and a single process, are unchanged)
         self._view_rng.manual_seed(self.fm.seed * 1_000_003 + self.current_epoch + 7_919 * self.local_rank)
-        self.start_teacher_if_due()
+        self.start_semi_supervision_if_due()
         due = self.current_epoch in self.fm.filter_epochs
         if due and not any(r["epoch"] == self.current_epoch for r in self.filter_rounds):
-            self.run_filter_round()
-            self.network.train()
+            if self.semi_supervised_now():
+                self.run_filter_round()
+                self.network.train()
+            else:
+                self.print_to_log_file(f"filter round of epoch {self.current_epoch} skipped: no pseudo-labels yet")
 
     def pseudo_label_model(self) -> nn.Module:
-        """The EMA teacher once it has started (end of warm-up), else the student."""
-        started = self.current_epoch >= (self.fm.warmup_epochs or 0)
-        return self.teacher if self.teacher is not None and started else self.plain_network()
+        """The EMA teacher once pseudo-labelling has started, else the student."""
+        return self.teacher if self.teacher is not None and self.semi_supervised_now() else self.plain_network()
 
-    def start_teacher_if_due(self) -> bool:
-        """Copy the warmed-up student into the EMA teacher when the unsupervised term starts.
+    def start_semi_supervision_if_due(self) -> bool:
+        """Start pseudo-labelling after warm-up, once every class is found; copy the student into the EMA teacher.
 
-        Why: the EMA only runs on semi-supervised steps, so without this the first pseudo-labels come from a teacher
-        that is mostly the random initial weights (0.99^50 = 61% of them after one 50-step epoch); at small compute
-        that erased whole classes. Same weights on every DDP rank, since the students are identical.
+        Why: pseudo-labels from a model that misses a class teach that class as background, and the EMA only runs
+        on semi-supervised steps, so without the copy the first pseudo-labels would come from a teacher that is
+        mostly the random initial weights. Both erased whole classes at small compute. nnU-Net's validation Dice is
+        gathered over all DDP ranks, so every rank decides alike, and the students are identical.
         """
-        if self.teacher is None or self.current_epoch != (self.fm.warmup_epochs or 0):
+        if not self.fm.uses_unlabeled or self.ssl_start_epoch is not None:
             return False
-        self.teacher.load_state_dict(self.plain_network().state_dict())
+        if self.current_epoch < (self.fm.warmup_epochs or 0):
+            return False
+        floor = self.fm.ssl_start_dice if self.fm.val_iters_per_epoch > 0 else 0.0  # no validation: cannot wait
+        history = self.logger.local_logger.my_fantastic_logging.get("dice_per_class_or_region", [])
+        last = ", ".join(f"{float(d):.3f}" for d in history[-1]) if history else "none yet"
+        if not every_class_segmented(history, floor):
+            self.print_to_log_file(
+                f"pseudo-labels wait: validation pseudo-Dice per class [{last}] not all >= --ssl-start-dice {floor}"
+            )
+            return False
+        self.ssl_start_epoch = self.current_epoch
+        if self.teacher is not None:
+            self.teacher.load_state_dict(self.plain_network().state_dict())
+        self.print_to_log_file(f"pseudo-labels start at epoch {self.current_epoch} (pseudo-Dice per class [{last}])")
         return True
 
     def train_step(self, batch: dict) -> dict:
@@ -308,9 +324,8 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         labeled_targets = [t.to(self.device, non_blocking=True) for t in _as_list(batch["target"])]
         targets = [torch.cat([t, p.to(t.dtype)]) for t, p in zip(labeled_targets, pseudo)]
         data = batch["data"].to(self.device, non_blocking=True)
-        weight = ramp_weight(
-            self.current_epoch, self.fm.warmup_epochs or 0, self.fm.rampup_epochs or 0, self.fm.lambda_u
-        )
+        assert self.ssl_start_epoch is not None
+        weight = ramp_weight(self.current_epoch, self.ssl_start_epoch, self.fm.rampup_epochs or 0, self.fm.lambda_u)
         self.loss.n_labeled, self.loss.weight = data.shape[0], weight
         joint = {
             "data": torch.cat([data, strong]),
@@ -364,6 +379,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             "batch_size": self.batch_size,
             "unlabeled_batch_size": self.unlabeled_batch_size if self.fm.uses_unlabeled else 0,
             "pool": list(self.pool) if self.pool is not None else None,
+            "ssl_start_epoch": self.ssl_start_epoch,
             "filter_rounds": [
                 {"epoch": r["epoch"], "dropped": sorted(c["case"] for c in r["cases"] if not c["kept"])}
                 for r in self.filter_rounds
@@ -497,6 +513,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             # every rank's running scores (sums and counts merged); on resume rank 0 alone carries them on
             "running_scores": distributed.gather_running_scores(self.running_scores),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "ssl_start_epoch": self.ssl_start_epoch,
         }
 
     def save_checkpoint(self, filename: str) -> None:
@@ -547,6 +564,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             raise PreparationError(f"checkpoint is from mode {state['mode']!r}, this trainer runs {self.mode!r}")
         self.pool = self._pool_still_unlabeled(state["pool"])
         self.filter_rounds = state["filter_rounds"]
+        self.ssl_start_epoch = state.get("ssl_start_epoch")
         self.running_scores = state.get("running_scores", {}) if self.local_rank == 0 else {}
         if self.teacher is not None and state["teacher"] is not None:
             self.teacher.load_state_dict(state["teacher"])

@@ -366,6 +366,12 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             plot_ssl_progress(self.logger.local_logger.my_fantastic_logging, Path(self.output_folder))
 
     def on_train_end(self) -> None:
+        if self.fm.uses_unlabeled and self.ssl_start_epoch is None:
+            self.print_to_log_file(
+                f"WARNING: pseudo-labels never started: the validation pseudo-Dice of some class stayed below "
+                f"--ssl-start-dice {self.fm.ssl_start_dice}, so this run is supervised only. Train longer, or lower "
+                "--ssl-start-dice if you accept pseudo-labels from a model that misses a class."
+            )
         super().on_train_end()
         if self.dataloader_unlabeled is not None:
             shutdown_loader(self.dataloader_unlabeled)

@@ -384,6 +384,7 @@ def test_problems_are_collected(tmp_path: Path, raw: Path) -> None:
     la_case(src, "C3", image=None)
     err = expect_error(raw, convert_la_h5, src, match="2 problems found")
     assert len(err.problems) == 2
+    assert "restore the named files from the published dataset, or leave their cases out of the lists" in str(err)
 
 
 @pytest.mark.parametrize(

@@ -162,7 +162,7 @@ def test_missing_channel_file(raw: Path) -> None:
         shutil.copy(img(raw, c), img(raw, c, 1))
     msg = build_error(raw, allow_empty_unlabeled=True)
     assert f"imagesTr/{ids[0]}_0001.nii.gz is missing" in msg
-    assert "2 channel(s)" in msg
+    assert "2 channel(s)" in msg and "add it or remove the case" in msg
 
 
 def test_extra_channel_file(raw: Path) -> None:

@@ -73,6 +73,10 @@ _ACDC_FRAME = re.compile(r"(?P<patient>patient\d{3})_frame\d+")
 _ACDC_SLICE = re.compile(r"(?P<frame>(?P<patient>patient\d{3})_frame\d+)_slice_(?P<index>\d+)")
 
 
+# The converters read the published files as they are distributed; a content problem means a damaged copy.
+_RESTORE_HINT = "restore the named files from the published dataset, or leave their cases out of the lists"
+
+
 class ConversionError(DataValidationError):
     """The source folder cannot be converted as given; ``problems`` lists every individual problem found."""
 
@@ -456,7 +460,7 @@ def convert_la_h5(
     test = [_Source(c, (case_dir / c / LA_H5_NAME,)) for c in test_ids]
     problems = _validate(train + test, set(LA_LABELS.values()), src, progress, "checking LA h5")
     if problems:
-        raise ConversionError.from_problems(f"Cannot convert {src}", problems)
+        raise ConversionError.from_problems(f"Cannot convert {src} ({_RESTORE_HINT})", problems)
     unlisted = sorted(p.name for p in case_dir.iterdir() if p.is_dir() and p.name not in set(train_ids) | set(test_ids))
     if unlisted:
         messages.append(f"{len(unlisted)} case folder(s) not named by any list were skipped: {unlisted[:10]}")
@@ -648,7 +652,7 @@ def convert_acdc_h5(
     problems = _validate(train + held_out, allowed, src, progress, "checking ACDC h5")
     problems += _acdc_cross_check(train, volumes, src)
     if problems:
-        raise ConversionError.from_problems(f"Cannot convert {src}", problems)
+        raise ConversionError.from_problems(f"Cannot convert {src} ({_RESTORE_HINT})", problems)
 
     lists: dict[str, tuple[list[str], str]] = {}
     train_patients = patients["train"]

@@ -378,7 +378,8 @@ def _discover_cases(
         for i in missing:
             problems.append(
                 f"case {case_id!r}: channel file {_rel(folder / f'{case_id}_{i:04d}{file_ending}', raw_dir)} is "
-                f"missing (dataset.json declares {num_channels} channel(s), so every case needs {span})"
+                f"missing (dataset.json declares {num_channels} channel(s), so every case needs {span}); add it or "
+                "remove the case"
             )
         for i in extra:
             problems.append(

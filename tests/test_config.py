@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from nnfiltermatch.cli import main
 from nnfiltermatch.config import resolve_config
 
 
@@ -26,3 +27,11 @@ def test_impossible_filter_schedule_is_refused() -> None:
         resolve_config({"mode": "filtermatch", "epochs": 10, "filter_start": 0})
     with pytest.raises(ValueError, match="--preset 'fancy'"):
         resolve_config({}, preset="fancy")
+
+
+def test_unknown_choice_is_refused_by_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "-d", "901", "-c", "3d_fullres_cpu", "-f", "all", "--mode", "fancy"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --mode: invalid choice: 'fancy'" in err and "supervised" in err and "filtermatch" in err

@@ -366,6 +366,21 @@ def test_broken_images_are_refused_before_the_model_loads(
     assert CASES[0] not in err and not (tmp_path / "out").exists()
 
 
+def test_unreadable_checkpoint_and_bad_step_size(
+    model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _copy_model(model, tmp_path / "m", {})
+    (folder / "fold_all").mkdir()
+    good = (model.model_dir / "fold_all" / "checkpoint_final.pth").read_bytes()
+    (folder / "fold_all" / "checkpoint_final.pth").write_bytes(good[:1000])  # a copy that broke off
+    code, err = _run_cli(capsys, "-i", model.inputs, "-o", tmp_path / "out", "-m", folder, *FAST)
+    assert code == 2 and str(folder / "fold_all" / "checkpoint_final.pth") in err
+    assert "not a readable torch checkpoint" in err and "retrain or copy it again" in err
+    code, err = _run_cli(capsys, "-i", model.inputs, "-o", tmp_path / "out", "-m", model.model_dir, "--step-size", "2")
+    assert code == 2 and "--step-size 2.0: must be in (0, 1]" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_model_dir_from_dataset_configuration_mode(model: Model, capsys: pytest.CaptureFixture[str]) -> None:
     assert resolve_model_dir("901", CONFIG, "filtermatch") == model.model_dir
     assert resolve_model_dir(DATASET, CONFIG, "filtermatch", plans="nnUNetPlans") == model.model_dir

@@ -270,3 +270,11 @@ def test_bad_input_leaves_an_earlier_preparation_alone(prepared_copy: Path, caps
     err = capsys.readouterr().err
     assert f"imagesTr/{unlabelled}_0000.nii.gz contains 0 NaN and 1 infinite voxel(s)" in err
     assert _files(out) == out_before
+
+
+def test_unknown_configuration_changes_nothing(prepared_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = prepared_copy / "preprocessed" / DATASET
+    out_before = _files(out)
+    assert main(_prepare(prepared_copy, "-c", "3d_lowres")) == 2
+    assert "-c 3d_lowres: not in the plans (2d, 3d_fullres, 3d_fullres_cpu, 2d_cpu)" in capsys.readouterr().err
+    assert _files(out) == out_before

@@ -23,8 +23,10 @@ def test_invalid_options_are_listed_together() -> None:
 
 
 def test_impossible_filter_schedule_is_refused() -> None:
-    with pytest.raises(ValueError, match="must be >= 1.*got 0"):
+    with pytest.raises(ValueError, match="--filter-start must be >= 1, got 0"):
         resolve_config({"mode": "filtermatch", "epochs": 10, "filter_start": 0})
+    with pytest.raises(ValueError, match="--filter-every must be >= 1, got -2"):
+        resolve_config({"mode": "filtermatch", "epochs": 10, "filter_every": -2})
     with pytest.raises(ValueError, match="--preset 'fancy'"):
         resolve_config({}, preset="fancy")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -272,6 +273,16 @@ def test_label_value_not_in_dataset_json(raw: Path) -> None:
     assert f"labelsTr/{c}.nii.gz contains value(s) 5 not declared" in msg
 
 
+def test_float_label_with_nan_is_refused(raw: Path) -> None:
+    """A float label map with NaN must not read as background (nnU-Net would cast NaN to 0)."""
+    c = case_ids(raw)[7]
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(lab(raw, c)))).astype(np.float32)
+    arr[0, 0, 0] = np.nan
+    _copy_geometry_to(lab(raw, c), arr, lab(raw, c))
+    msg = build_error(raw, allow_empty_unlabeled=True)
+    assert f"labelsTr/{c}.nii.gz contains value(s) nan not declared" in msg
+
+
 @pytest.mark.parametrize("where", ["labelled image", "unlabelled image", "label"])
 def test_truncated_file(raw: Path, where: str) -> None:
     moved = make_unlabeled(raw, 3)
@@ -489,6 +500,9 @@ def test_write_labeled_list_is_atomic_and_replaces(tmp_path: Path) -> None:
     write_labeled_list(["c"], p, header="second")
     assert p.read_text() == "# second\nc\n"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["labeled.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any list the user writes, not mkstemp's 0600
     with pytest.raises(DataValidationError, match="invalid case IDs"):
         write_labeled_list(["ok", "bad id\n"], p)
     assert p.read_text() == "# second\nc\n"

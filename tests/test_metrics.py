@@ -457,6 +457,12 @@ def test_non_integer_label_map_rejected(tmp_path: Path) -> None:
     sitk.WriteImage(sitk.GetImageFromArray(ref), str(pred_dir / "c1.nii.gz"))
     res = evaluate_folders(ref_dir, pred_dir, progress=False)
     assert res.labels == [1] and res.rows[0].dice == 1.0
+    # NaN in a float reference: ITK would read it as 0 (background), so it must be refused by name
+    ref[0, 0, 0] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(ref), str(ref_dir / "c1.nii.gz"))
+    with pytest.raises(EvaluationError, match="1 NaN and 0 infinite") as info:
+        evaluate_folders(ref_dir, pred_dir, progress=False)
+    assert str(ref_dir / "c1.nii.gz") in str(info.value)
 
 
 def test_empty_and_nonexistent_folders(tmp_path: Path) -> None:

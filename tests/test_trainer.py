@@ -261,3 +261,24 @@ def test_continue_refuses_a_plain_nnunet_checkpoint(prepared: Path) -> None:
     torch.save(checkpoint, out / "checkpoint_final.pth")
     with pytest.raises(PreparationError, match="not written by nnfiltermatch"):
         train(DATASET, CONFIG, "all", config, "cpu", continue_training=True, final_validation=False)
+
+
+@pytest.mark.parametrize(("saved_epoch", "expected_start"), [(0, None), (1, 1)])
+def test_checkpoint_from_before_the_gate_keeps_its_start(
+    prepared: Path, tmp_path: Path, saved_epoch: int, expected_start: int | None
+) -> None:
+    """Checkpoints without ``ssl_start_epoch`` started pseudo-labels right after warm-up (epoch 1 here): a run past
+    it keeps that start on resume; one not yet past it waits on the gate like a new run."""
+    config = resolve_config({**SHORT, "mode": "ssl", "ssl_start_dice": 0.5})
+    trainer = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
+    trainer.initialize()
+    trainer.current_epoch = saved_epoch  # nnU-Net saves current_epoch + 1: the next epoch to run
+    path = tmp_path / "old.pth"
+    trainer.save_checkpoint(str(path))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    del checkpoint["init_args"][STATE_KEY]["ssl_start_epoch"]
+    torch.save(checkpoint, path)
+    resumed = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
+    resumed.load_checkpoint(str(path))
+    assert resumed.current_epoch == saved_epoch + 1
+    assert resumed.ssl_start_epoch == expected_start

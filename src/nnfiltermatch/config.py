@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from nnfiltermatch.files import atomic_write_text
 from nnfiltermatch.uncertainty import filter_schedule
 
 Mode = Literal["supervised", "ssl", "filtermatch"]
@@ -120,10 +121,15 @@ class TrainConfig:
             problems.append(f"--filter-tile-step must be in (0, 1], got {self.filter_tile_step}")
         if not 0.0 < self.topk_fraction <= 1.0:
             problems.append(f"--topk-fraction must be in (0, 1], got {self.topk_fraction}")
-        for name in ("warmup_epochs", "rampup_epochs", "filter_start", "filter_every"):
+        for name in ("warmup_epochs", "rampup_epochs"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        # the filter scores a trained model: its first round runs at the start of epoch 1 at the earliest
+        for name in ("filter_start", "filter_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if problems:
             raise ValueError("invalid training options:\n  " + "\n  ".join(problems))
         if self.mode == "filtermatch":
@@ -141,10 +147,7 @@ class TrainConfig:
 
     def write(self, path: Path) -> None:
         """Atomic JSON write, so a crash never leaves a half-written configuration."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
 
 def paper_values(labeled_fraction: float | None) -> dict[str, Any]:

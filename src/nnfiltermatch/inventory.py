@@ -17,7 +17,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nnfiltermatch.files import atomic_write_text
 
 __all__ = [
     "Case",
@@ -260,17 +261,7 @@ def write_labeled_list(ids: Iterable[str], path: Path, header: str | None = None
     if header:
         lines += [f"# {h}".rstrip() for h in header.splitlines()]
     lines += ids
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -781,6 +772,9 @@ def _check_contents(inv: DatasetInventory, allowed_labels: set[int], progress: b
             problems.append(f"label {_rel(lab, raw)} has multi-component pixels; labels must be a single integer map")
             continue
         values = np.unique(sitk.GetArrayViewFromImage(label_img))
+        if lab_geom.floating:  # ITK reads NaN as 0: count NaN/inf in the file itself
+            nan, inf = _count_nonfinite(lab, problems, raw)
+            values = np.concatenate([values, [np.nan] * bool(nan), [np.inf] * bool(inf)])
         bad = [v for v in values.tolist() if not (float(v).is_integer() and int(v) in allowed_labels)]
         if bad:
             shown = ", ".join(f"{v:g}" for v in bad[:MAX_LISTED_PROBLEMS])

@@ -479,9 +479,20 @@ def _read_array(path: Path) -> np.ndarray:
     import SimpleITK as sitk
 
     try:
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     except RuntimeError as exc:
         raise EvaluationError(f"cannot read {path}: {exc}; check that it is a valid image file") from exc
+    if arr.dtype.kind == "f" and path.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        # ITK's NIfTI reader turns NaN into 0, which would score NaN voxels as background
+        stored = np.asanyarray(nib.load(str(path)).dataobj)
+        if not np.isfinite(stored).all():
+            raise EvaluationError(
+                f"{path} contains {int(np.isnan(stored).sum())} NaN and {int(np.isinf(stored).sum())} infinite "
+                "voxel(s); a label map must hold integer label values only"
+            )
+    return arr
 
 
 def _label_values(arr: np.ndarray) -> np.ndarray:

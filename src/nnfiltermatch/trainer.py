@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, resolve_config
+from nnfiltermatch.files import atomic_write_text
 from nnfiltermatch.preparation import PreparationError
 from nnfiltermatch.pseudo_labels import ema_update, every_class_segmented, pseudo_labels_for_scales, ramp_weight
 from nnfiltermatch.uncertainty import reduce_case_score, select_cases_to_drop, voxel_entropy
@@ -492,12 +493,8 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         self.pool = [c for c in before if c not in dropped]
         self.filter_rounds.append(record)
         if self.local_rank == 0:
-            folder = Path(self.output_folder) / FILTER_DIRNAME
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / f"epoch_{self.current_epoch:04d}.json"
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_text(json.dumps(record, indent=2))
-            tmp.replace(target)
+            target = Path(self.output_folder) / FILTER_DIRNAME / f"epoch_{self.current_epoch:04d}.json"
+            atomic_write_text(target, json.dumps(record, indent=2))
         self.print_to_log_file(
             f"Filter round at epoch {self.current_epoch}: scored {len(before)} cases in {record['seconds']:.1f} s, "
             f"dropped {len(dropped)} ({', '.join(sorted(dropped))}), pool now {len(self.pool)}"
@@ -536,6 +533,14 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         if self.local_rank == 0 and os.path.isfile(partial):
             os.replace(partial, filename)
 
+    def _start_epoch_before_the_gate(self) -> int | None:
+        """For a checkpoint written before ``ssl_start_epoch`` existed: pseudo-labels then started right after
+        warm-up, so a run already past it keeps that start instead of waiting on the new gate."""
+        warmup = self.fm.warmup_epochs or 0
+        if self.fm.uses_unlabeled and self.current_epoch > warmup:
+            return warmup
+        return None
+
     def _pool_still_unlabeled(self, pool: list[str] | None) -> list[str] | None:
         """The saved pool minus cases that left the unlabelled folder since (``prepare --add-labels``).
 
@@ -570,7 +575,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             raise PreparationError(f"checkpoint is from mode {state['mode']!r}, this trainer runs {self.mode!r}")
         self.pool = self._pool_still_unlabeled(state["pool"])
         self.filter_rounds = state["filter_rounds"]
-        self.ssl_start_epoch = state.get("ssl_start_epoch")
+        self.ssl_start_epoch = state.get("ssl_start_epoch", self._start_epoch_before_the_gate())
         self.running_scores = state.get("running_scores", {}) if self.local_rank == 0 else {}
         if self.teacher is not None and state["teacher"] is not None:
             self.teacher.load_state_dict(state["teacher"])

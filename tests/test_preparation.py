@@ -161,7 +161,7 @@ def prepared_copy(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     shutil.copy(prepared / "labeled.txt", root / "labeled.txt")
     manifest_file = root / "preprocessed" / DATASET / MANIFEST_NAME
     manifest = json.loads(manifest_file.read_text())
-    manifest["inputs_digest"], _ = _current_digest(root / "raw" / DATASET, manifest["labeled_ids"], "nnUNetPlans")
+    manifest["inputs_digest"], _, _ = _current_digest(root / "raw" / DATASET, manifest["labeled_ids"], "nnUNetPlans")
     manifest_file.write_text(json.dumps(manifest, indent=2))
     return root
 
@@ -278,3 +278,31 @@ def test_unknown_configuration_changes_nothing(prepared_copy: Path, capsys: pyte
     assert main(_prepare(prepared_copy, "-c", "3d_lowres")) == 2
     assert "-c 3d_lowres: not in the plans (2d, 3d_fullres, 3d_fullres_cpu, 2d_cpu)" in capsys.readouterr().err
     assert _files(out) == out_before
+
+
+def test_new_timestamps_alone_are_not_a_change(prepared_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A copied or re-extracted dataset (every mtime new, same bytes) must not re-plan; a changed voxel must."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    root = prepared_copy
+    raw, out = root / "raw" / DATASET, root / "preprocessed" / DATASET
+    for path in raw.rglob("*"):
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    plans_mtime = (out / "nnUNetPlans.json").stat().st_mtime_ns
+    assert main(_prepare(root, "-c", CONFIG)) == 0
+    printed = capsys.readouterr().out
+    assert "nothing to do" in printed and "re-planning" not in printed
+    assert (out / "nnUNetPlans.json").stat().st_mtime_ns == plans_mtime
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert {r["mtime_ns"] for r in manifest["file_records"].values()} == {1_000_000_000}  # learnt, not re-hashed
+
+    label = raw / "labelsTr" / f"{LABELED[0]}.nii.gz"
+    original = sitk.ReadImage(str(label))
+    arr = sitk.GetArrayFromImage(original)
+    arr[0, 0, 0] = np.uint8(arr[0, 0, 0] == 0)  # one voxel flipped between background and class 1
+    changed = sitk.GetImageFromArray(arr)
+    changed.CopyInformation(original)
+    sitk.WriteImage(changed, str(label))
+    digest, _, _ = _current_digest(raw, manifest["labeled_ids"], "nnUNetPlans", manifest["file_records"])
+    assert digest != manifest["inputs_digest"]

@@ -95,7 +95,7 @@ def small_prepared_tree(prepared: Path, root: Path, n_unlabeled: int, to_unlabel
             (raw / "labelsTr" / f"{case}.nii.gz").unlink()
     (pre / "splits_final.json").unlink(missing_ok=True)
     inventory = build_inventory(raw, LABELED, check_contents=False, progress=False)
-    manifest.update(unlabeled_ids=inventory.unlabeled_ids, inputs_digest=_inputs_digest(inventory, "nnUNetPlans"))
+    manifest.update(unlabeled_ids=inventory.unlabeled_ids, inputs_digest=_inputs_digest(inventory, "nnUNetPlans")[0])
     (pre / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return keep
 

@@ -12,6 +12,7 @@ is used. This keeps the simulation honest: nothing about a hidden label can leak
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import re
 import struct
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,22 +117,28 @@ class DatasetInventory:
     def unlabeled_ids(self) -> list[str]:
         return [c.case_id for c in self.unlabeled]
 
-    def fingerprint_inputs(self) -> dict[str, Any]:
+    def fingerprint_inputs(self, known: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
         """JSON-able description of every input file, so a prepare step can tell whether it must re-run.
 
-        Uses ``stat`` only (size, mtime_ns), which does not open files; labels of unlabelled cases are not
-        included at all, so changing them never invalidates anything.
+        Each file is described by its size and the SHA-256 of its content, not by its timestamp, so a copied or
+        re-extracted dataset is not taken for a changed one. A file whose size and mtime match its record in
+        ``known`` (the last prepare's ``file_records``) keeps that record's hash without being read again.
+        Labels of unlabelled cases are not included at all, so changing them never invalidates anything.
         """
 
-        def entries(cases: list[Case], with_labels: bool) -> dict[str, dict[str, int]]:
-            out: dict[str, dict[str, int]] = {}
+        def entries(cases: list[Case], with_labels: bool) -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
             for case in cases:
                 files = list(case.image_files)
                 if with_labels and case.label_file is not None:
                     files.append(case.label_file)
                 for f in files:
+                    rel = _rel(f, self.raw_dir)
                     st = f.stat()
-                    out[_rel(f, self.raw_dir)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+                    before = (known or {}).get(rel) or {}
+                    unchanged = before.get("size") == st.st_size and before.get("mtime_ns") == st.st_mtime_ns
+                    sha = before["sha256"] if unchanged and before.get("sha256") else file_sha256(f)
+                    out[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
             return dict(sorted(out.items()))
 
         return {
@@ -144,6 +151,15 @@ class DatasetInventory:
             "labeled_files": entries(self.labeled, with_labels=True),
             "unlabeled_files": entries(self.unlabeled, with_labels=False),
         }
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ MANIFEST_NAME = "nnfiltermatch_prepare.json"
 LABELED_LIST_NAME = "nnfiltermatch_labeled_cases.txt"
 UNLABELED_DIRNAME = "unlabeled"
 ADDED_LABELS_KEY = "added_labels"  # manifest entries written by add_labels
+FILE_RECORDS_KEY = "file_records"  # size, mtime and SHA-256 per input file: only changed files are re-hashed
 STAGING_NAME = ".add_labels.partial"
 PREPARE_STAGING_NAME = ".prepare.staging"  # new plans, fingerprint, lists until installed
 PREPARE_TRASH_NAME = ".prepare.replaced"  # what an install replaced, until the manifest is in
@@ -121,9 +122,18 @@ def load_prepared(dataset_name: str) -> PreparedDataset:
     )
 
 
-def _inputs_digest(inventory: DatasetInventory, plans_name: str) -> str:
-    payload = json.dumps({"inputs": inventory.fingerprint_inputs(), "plans": plans_name}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
+def _inputs_digest(
+    inventory: DatasetInventory, plans_name: str, known: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Digest of the inputs by content (size and SHA-256 per file, never timestamps), and the per-file records
+    to keep in the manifest (``FILE_RECORDS_KEY``), with which the next prepare hashes only files whose size or
+    mtime changed."""
+    inputs = inventory.fingerprint_inputs(known)
+    records = {**inputs["labeled_files"], **inputs["unlabeled_files"]}
+    for key in ("labeled_files", "unlabeled_files"):
+        inputs[key] = {rel: {"size": r["size"], "sha256": r["sha256"]} for rel, r in inputs[key].items()}
+    payload = json.dumps({"inputs": inputs, "plans": plans_name}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest(), records
 
 
 def _nnunet_case_dict(cases: Iterable[Case]) -> dict[str, dict[str, Any]]:
@@ -311,7 +321,7 @@ def prepare(
         labeled_ids = sample_labeled_ids(training_case_ids(raw_dir), labeled_fraction, seed)
     labeled_ids = _with_added_labels(labeled_ids, manifest, raw_dir, manifest_file)
     inventory = build_inventory(raw_dir, labeled_ids, allow_empty_unlabeled=allow_no_unlabeled)
-    digest = _inputs_digest(inventory, plans_name)
+    digest, file_records = _inputs_digest(inventory, plans_name, manifest.get(FILE_RECORDS_KEY))
 
     existed = out.is_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -348,6 +358,7 @@ def prepare(
             _copy_gt_segmentations(inventory, staged)
         else:
             plans = json.loads((out / f"{plans_name}.json").read_text())
+        manifest[FILE_RECORDS_KEY] = file_records  # new timestamps of unchanged files are learnt, not re-hashed
 
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -589,10 +600,14 @@ def _same_bytes(a: Path, b: Path) -> bool:
                 return True
 
 
-def _current_digest(raw_dir: Path, labeled_ids: list[str], plans_name: str) -> tuple[str, DatasetInventory]:
-    """The digest ``prepare`` computes for this labelled set (file listing and ``stat`` only, nothing opened)."""
+def _current_digest(
+    raw_dir: Path, labeled_ids: list[str], plans_name: str, known: dict[str, Any] | None = None
+) -> tuple[str, DatasetInventory, dict[str, Any]]:
+    """The digest ``prepare`` computes for this labelled set, its inventory and file records (images are not
+    checked; only files whose size or mtime differ from ``known`` are read, to hash them)."""
     inventory = build_inventory(raw_dir, labeled_ids, allow_empty_unlabeled=True, check_contents=False, progress=False)
-    return _inputs_digest(inventory, plans_name), inventory
+    digest, records = _inputs_digest(inventory, plans_name, known)
+    return digest, inventory, records
 
 
 def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] | None = None) -> AddedLabels:
@@ -665,7 +680,7 @@ def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] |
         raise DataValidationError.from_problems(f"--add-labels {labels_dir}", problems)
 
     # The raw inputs must still be what the manifest describes, or the new digest would hide other changes.
-    old_digest, _ = _current_digest(raw_dir, sorted(labeled), plans_name)
+    old_digest, _, _ = _current_digest(raw_dir, sorted(labeled), plans_name, manifest.get(FILE_RECORDS_KEY))
     if old_digest != manifest.get("inputs_digest"):
         raise PreparationError(
             f"{raw_dir} changed since the last prepare (files added, removed or modified): run `nnfiltermatch "
@@ -746,7 +761,9 @@ def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] |
             f"{' '.join(stale)}` before training them"
         )
     new_labeled = sorted(labeled | set(labels))
-    new_digest, inventory = _current_digest(raw_dir, new_labeled, plans_name)
+    new_digest, inventory, file_records = _current_digest(
+        raw_dir, new_labeled, plans_name, manifest.get(FILE_RECORDS_KEY)
+    )
     added_entry = {
         "cases": sorted(labels),
         "labels_dir": str(labels_dir.resolve()),
@@ -757,6 +774,7 @@ def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] |
     manifest.update(
         {
             "inputs_digest": new_digest,
+            FILE_RECORDS_KEY: file_records,
             "labeled_ids": inventory.labeled_ids,
             "unlabeled_ids": inventory.unlabeled_ids,
             "configurations": prepared_configs,

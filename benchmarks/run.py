@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from nnfiltermatch.files import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -352,9 +354,7 @@ def run_experiment(
                 "config": config.to_dict(),
             }
             shutil.rmtree(pred_dir)  # keep the metrics, not the label maps
-            tmp = done.with_name("run.json.tmp")
-            tmp.write_text(json.dumps(record, indent=2, default=float))
-            tmp.replace(done)
+            atomic_write_text(done, json.dumps(record, indent=2, default=float))
             runs.append(record)
     return {
         "configuration": configuration,
@@ -561,8 +561,8 @@ def main() -> None:
         **result,
         "summary": summary,
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=2, default=float))
-    (out / "results.md").write_text(table + f"\nReproduce: `{command}`\n")
+    atomic_write_text(out / "results.json", json.dumps(payload, indent=2, default=float))
+    atomic_write_text(out / "results.md", table + f"\nReproduce: `{command}`\n")
     print(table)
 
 

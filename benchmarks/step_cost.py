@@ -3,24 +3,29 @@
 Usage (after `nnfiltermatch prepare` of the dataset):
     .venv/bin/python benchmarks/step_cost.py -d 901 -c 3d_fullres_cpu --steps 40 --out results/step_cost
 Writes ``step_cost.json`` and ``step_cost.md`` into ``--out``. Peak memory is measured in a fresh subprocess per
-mode (CPU: peak resident set size of the process; CUDA: torch's peak allocated memory).
+mode (CUDA: torch's peak allocated memory; CPU: the peak resident memory the steps add to the process, since the
+process's own peak is dominated by the libraries). The timing trainers write their logs and a final checkpoint
+into a temporary results folder, never into the dataset's real model folders.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from nnfiltermatch.config import resolve_config
+from nnfiltermatch.files import atomic_write_text
 from nnfiltermatch.preparation import dataset_name_from_id
 from nnfiltermatch.training import build_trainer, configure_runtime
 
@@ -87,19 +92,31 @@ def time_modes(
     }
 
 
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def peak_memory(dataset: str, configuration: str, device: torch.device, mode: str, steps: int) -> float:
-    """MiB: CUDA peak allocated, or the process's peak resident set size on CPU."""
+    """MiB: CUDA peak allocated, or on CPU the peak resident memory the steps add (Linux: VmHWM reset through
+    /proc/self/clear_refs just before them)."""
     trainer = _trainer(dataset, configuration, mode, device)
+    _step(trainer)  # first step: lazy allocations and worker start-up are set-up, not the step's memory
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set size to the current one
+        baseline = _proc_status_kib("VmRSS")
     try:
         for _ in range(steps):
             _step(trainer)
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        return (_proc_status_kib("VmHWM") - baseline) / 1024
     finally:
         trainer.on_train_end()
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -115,11 +132,26 @@ def main() -> None:
     )
     parser.add_argument("--memory-only", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.memory_only:
+        # The trainers below write logs and a final checkpoint into nnUNet_results/<dataset>/...: point nnU-Net
+        # (which reads it on first import, below) at a scratch folder so no real model folder is touched. The
+        # memory subprocesses inherit it.
+        if "nnunetv2.paths" in sys.modules:
+            raise RuntimeError("nnU-Net was imported before its results folder was redirected")
+        scratch = Path(tempfile.mkdtemp(prefix="nnfm_step_cost_"))
+        os.environ["nnUNet_results"] = str(scratch)
+        try:
+            device = configure_runtime(args.device)
+            measure(args, device, dataset_name_from_id(args.dataset))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     device = configure_runtime(args.device)
     dataset = dataset_name_from_id(args.dataset)
-    if args.memory_only:
-        print(json.dumps({"peak_mib": peak_memory(dataset, args.configuration, device, args.memory_only, 10)}))
-        return
+    print(json.dumps({"peak_mib": peak_memory(dataset, args.configuration, device, args.memory_only, 10)}))
+
+
+def measure(args: argparse.Namespace, device: torch.device, dataset: str) -> None:
     result = time_modes(dataset, args.configuration, device, args.steps, args.warmup)
     if args.compute_only:
         compute = time_modes(dataset, args.configuration, device, args.steps, args.warmup, compute_only=True)
@@ -157,15 +189,16 @@ def main() -> None:
         }
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "step_cost.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.out / "step_cost.json", json.dumps(result, indent=2))
     med = result["median_seconds"]
+    memory_column = "peak allocated MiB" if args.device == "cuda" else "resident memory the steps add, MiB"
     table = "\n".join(
         [
             f"{dataset}, `{args.configuration}` (batch {result['batch_size']} + {result['batch_size']} "
             f"unlabelled, patch {'x'.join(map(str, result['patch_size']))}), {args.device}, "
             f"median of {args.steps} steps",
             "",
-            "| mode | s / step (median) | peak memory MiB |",
+            f"| mode | s / step (median) | {memory_column} |",
             "|---|---|---|",
             *(f"| {m} | {med[m]:.3f} | {result['peak_mib'][m]:.0f} |" for m in MODES),
             "",
@@ -179,7 +212,7 @@ def main() -> None:
             f"{c['median_seconds']['supervised']:.4f} s, ssl {c['median_seconds']['ssl']:.4f} s, "
             f"ratio {c['ratio_ssl_over_supervised']:.2f}"
         )
-    (args.out / "step_cost.md").write_text(table + "\n")
+    atomic_write_text(args.out / "step_cost.md", table + "\n")
     print(table)
 
 

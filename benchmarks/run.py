@@ -400,6 +400,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
+def _shown(path: Path) -> str:
+    """A path as the table shows it: relative to the repository when inside it, so tables do not name a machine."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tuple[dict, str]:
     from scipy.stats import ttest_rel
 
@@ -431,12 +439,13 @@ def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tu
             "paired_t_p": p_value,
         }
     paper = PAPER.get((exp.dataset_key, exp.labeled_key))
+    n_test = len([p for p in exp.test_labels.iterdir() if not p.name.startswith(".")])
     lines = [
         f"### {exp.dataset_key}, labelled list `{exp.labeled_key}` ({len(result['labeled_ids'])} labelled / "
         f"{result['n_unlabeled']} unlabelled), profile `{profile.name}`",
         "",
         f"`{result['configuration']}`, {profile.epochs} epochs x {profile.iters_per_epoch} iterations, seeds "
-        f"{', '.join(map(str, profile.seeds))}; test: {exp.test_labels.name} ({exp.test_labels}); metrics in voxels, "
+        f"{', '.join(map(str, profile.seeds))}; test: {n_test} cases of {_shown(exp.test_labels)}; metrics in voxels, "
         "mean ± std over seeds of the per-volume mean"
         + (
             f"; iterations per epoch fitted to a {profile.train_budget_seconds:.0f} s training budget from the "
@@ -482,10 +491,11 @@ def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tu
             if train_total
             else ""
         )
+        memory = "peak memory" if cost.get("device") == "cuda" else "resident memory the steps add"
         lines.append(
             f"- cost: {med['supervised']:.3f} s / supervised step, {med['ssl']:.3f} s / semi-supervised "
             f"step (ratio {cost['ratio_ssl_over_supervised']:.2f}, one process, median of "
-            f"{cost['steps']} steps); peak memory {cost['peak_mib']['supervised']:.0f} vs "
+            f"{cost['steps']} steps); {memory} {cost['peak_mib']['supervised']:.0f} vs "
             f"{cost['peak_mib']['ssl']:.0f} MiB{share}"
         )
         if "compute_only" in cost:

@@ -307,9 +307,6 @@ def run_experiment(
         for mode in modes:
             run_dir = out / "runs" / f"{mode}_seed{seed}"
             done = run_dir / "run.json"
-            if done.is_file():  # resumable benchmark: finished runs are kept
-                runs.append(json.loads(done.read_text()))
-                continue
             overrides = {
                 "mode": mode,
                 "seed": seed,
@@ -321,6 +318,16 @@ def run_experiment(
                 **profile.extra,
             }
             config = resolve_config(overrides, preset=profile.preset)
+            if done.is_file():  # resumable benchmark: finished runs are kept, if they ran this schedule
+                kept = json.loads(done.read_text())
+                differs = sorted(k for k, v in config.to_dict().items() if kept["config"].get(k, v) != v)
+                if differs:
+                    sys.exit(
+                        f"{done} was trained with other settings ({', '.join(differs)}): pass another --results "
+                        "folder for this schedule, or delete that run to redo it"
+                    )
+                runs.append(kept)
+                continue
             print(f"[benchmark] {exp.dataset_key} {exp.labeled_key} {profile.name}: {mode} seed {seed}", flush=True)
             t0 = time.time()
             trained = train(

@@ -77,6 +77,9 @@ def test_filtermatch_filters_on_schedule(prepared: Path) -> None:
     assert len(state["pool"]) == 31 and not set(dropped) & set(state["pool"])
     assert [r["epoch"] for r in state["filter_rounds"]] == [2]
     assert _checkpoint(out)["logging"]["pool_size"] == [36, 36, 31]
+    assert "warning: --filter-scoring running ranked cases about as well as chance" in "".join(
+        log.read_text() for log in out.glob("training_log_*.txt")
+    )
 
 
 def test_rebuilt_loader_draws_only_kept_cases(prepared: Path) -> None:

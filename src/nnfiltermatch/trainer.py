@@ -244,6 +244,11 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
                 "unlabeled_pool_start": len(self.pool or []),
             }
             config.write(Path(self.output_folder) / CONFIG_FILENAME)
+            if self.fm.mode == "filtermatch" and self.fm.filter_scoring == "running":
+                self.print_to_log_file(
+                    "warning: --filter-scoring running ranked cases about as well as chance in our measurement "
+                    "(BENCHMARKS.md section 5: Spearman -0.01 and 0.18 against full scoring); prefer window"
+                )
 
     # ----- the semi-supervised step -------------------------------------------------------------------------
     def semi_supervised_now(self) -> bool:

@@ -35,6 +35,7 @@ __all__ = [
     "DatasetInventory",
     "build_inventory",
     "check_image_files",
+    "count_nonfinite",
     "read_labeled_list",
     "sample_labeled_ids",
     "write_labeled_list",
@@ -808,30 +809,36 @@ def _is_nifti(path: Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-def _count_nonfinite(path: Path, problems: list[str], raw: Path) -> tuple[int, int]:
-    """Full read of an image to count (NaN, +/-inf) voxels; read errors are reported.
+def count_nonfinite(path: Path) -> tuple[int, int]:
+    """(NaN, +/-inf) voxel counts of a whole image file as stored; (0, 0) for integer voxel types. Raises when the
+    file cannot be decoded.
 
     NIfTI files are read with nibabel because ITK's NIfTI reader silently turns NaN into 0 and zero-fills
-    truncated .nii.gz data, which would hide exactly what this check is for.
+    truncated .nii.gz data, which would hide exactly what this count is for.
     """
     import SimpleITK as sitk
 
-    try:
-        if _is_nifti(path):
-            import nibabel as nib
+    if _is_nifti(path):
+        import nibabel as nib
 
-            arr = np.asanyarray(nib.load(str(path)).dataobj)
-        else:
-            arr = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
+        arr = np.asanyarray(nib.load(str(path)).dataobj)
+    else:
+        arr = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
+    if not np.issubdtype(arr.dtype, np.floating):
+        return 0, 0
+    return int(np.count_nonzero(np.isnan(arr))), int(np.count_nonzero(np.isinf(arr)))
+
+
+def _count_nonfinite(path: Path, problems: list[str], raw: Path) -> tuple[int, int]:
+    """``count_nonfinite``, with a file that fails the full read reported in ``problems`` (and counted as 0, 0)."""
+    try:
+        return count_nonfinite(path)
     except Exception as e:  # noqa: BLE001 - any failure to decode means the file is unusable
         problems.append(
             f"{_rel(path, raw)} cannot be read fully (corrupt or truncated): {_first_line(e)}; re-export or replace "
             "the file"
         )
         return 0, 0
-    if not np.issubdtype(arr.dtype, np.floating):
-        return 0, 0
-    return int(np.count_nonzero(np.isnan(arr))), int(np.count_nonzero(np.isinf(arr)))
 
 
 def _first_line(e: BaseException) -> str:

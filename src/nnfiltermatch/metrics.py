@@ -40,6 +40,7 @@ import numpy as np
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
 from nnfiltermatch.files import atomic_write_text
+from nnfiltermatch.inventory import count_nonfinite
 
 __all__ = [
     "METRICS",
@@ -482,15 +483,13 @@ def _read_array(path: Path) -> np.ndarray:
         arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     except RuntimeError as exc:
         raise EvaluationError(f"cannot read {path}: {exc}; check that it is a valid image file") from exc
-    if arr.dtype.kind == "f" and path.name.lower().endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-
-        # ITK's NIfTI reader turns NaN into 0, which would score NaN voxels as background
-        stored = np.asanyarray(nib.load(str(path)).dataobj)
-        if not np.isfinite(stored).all():
+    if arr.dtype.kind == "f":
+        # ITK's NIfTI reader turns NaN into 0, which would score NaN voxels as background: count them as stored
+        nan, inf = count_nonfinite(path)
+        if nan or inf:
             raise EvaluationError(
-                f"{path} contains {int(np.isnan(stored).sum())} NaN and {int(np.isinf(stored).sum())} infinite "
-                "voxel(s); a label map must hold integer label values only"
+                f"{path} contains {nan} NaN and {inf} infinite voxel(s); a label map must hold integer label values "
+                "only"
             )
     return arr
 

@@ -680,7 +680,9 @@ def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] |
         raise DataValidationError.from_problems(f"--add-labels {labels_dir}", problems)
 
     # The raw inputs must still be what the manifest describes, or the new digest would hide other changes.
-    old_digest, _, _ = _current_digest(raw_dir, sorted(labeled), plans_name, manifest.get(FILE_RECORDS_KEY))
+    old_digest, _, current_records = _current_digest(
+        raw_dir, sorted(labeled), plans_name, manifest.get(FILE_RECORDS_KEY)
+    )
     if old_digest != manifest.get("inputs_digest"):
         raise PreparationError(
             f"{raw_dir} changed since the last prepare (files added, removed or modified): run `nnfiltermatch "
@@ -761,9 +763,7 @@ def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] |
             f"{' '.join(stale)}` before training them"
         )
     new_labeled = sorted(labeled | set(labels))
-    new_digest, inventory, file_records = _current_digest(
-        raw_dir, new_labeled, plans_name, manifest.get(FILE_RECORDS_KEY)
-    )
+    new_digest, inventory, file_records = _current_digest(raw_dir, new_labeled, plans_name, current_records)
     added_entry = {
         "cases": sorted(labels),
         "labels_dir": str(labels_dir.resolve()),

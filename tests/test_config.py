@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from nnfiltermatch.cli import main
@@ -37,3 +39,23 @@ def test_unknown_choice_is_refused_by_the_command_line(capsys: pytest.CaptureFix
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --mode: invalid choice: 'fancy'" in err and "supervised" in err and "filtermatch" in err
+
+
+def test_deterministic_is_a_train_option_that_forces_in_process_augmentation(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from nnfiltermatch.cli import build_parser
+    from nnfiltermatch.training import configure_runtime, make_repeatable
+
+    base = ["train", "-d", "901", "-c", "3d_fullres_cpu", "-f", "all"]
+    assert build_parser().parse_args([*base, "--deterministic"]).deterministic is True
+    assert build_parser().parse_args(base).deterministic is None  # not given: --continue keeps the stored value
+    monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
+    configure_runtime("cpu")
+    assert os.environ["nnUNet_n_proc_DA"] == "0"  # the CPU default: repeatable
+    monkeypatch.setenv("nnUNet_n_proc_DA", "6")
+    configure_runtime("cpu")
+    make_repeatable(False, torch.device("cpu"))
+    assert os.environ["nnUNet_n_proc_DA"] == "6"  # the user's choice stands without --deterministic
+    make_repeatable(True, torch.device("cpu"))
+    assert os.environ["nnUNet_n_proc_DA"] == "0"

@@ -57,6 +57,38 @@ def test_modes_train_end_to_end(prepared: Path, mode: str) -> None:
     assert len(logging["pool_size"]) == 2 and len(logging["confident_fraction"]) == 2
 
 
+def test_paired_runs_share_their_random_numbers(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same seed, single-process augmentation: ssl sees its supervised twin's labelled batches, and an ssl run whose
+    pseudo-labels never start trains the supervised model bit for bit, so a paired difference is the method's."""
+    from nnfiltermatch.trainer import nnFilterMatchTrainer
+
+    seen: list[bytes] = []
+    original = nnFilterMatchTrainer.train_step
+
+    def recording_step(self: nnFilterMatchTrainer, batch: dict) -> dict:
+        seen.append(batch["data"].numpy().tobytes())
+        return original(self, batch)
+
+    monkeypatch.setattr(nnFilterMatchTrainer, "train_step", recording_step)
+
+    def run(mode: str, **options: object) -> tuple[list[bytes], dict, dict]:
+        seen.clear()
+        config = resolve_config({**SHORT, "mode": mode, "deterministic": True, **options})
+        out = train(DATASET, CONFIG, "all", config, "cpu", overwrite=True, final_validation=False).output_folder
+        return list(seen), _checkpoint(out), json.loads((out / CONFIG_FILENAME).read_text())
+
+    supervised_batches, supervised, _ = run("supervised")
+    ssl_batches, ssl, written = run("ssl")  # pseudo-labels from epoch 1: unlabelled batches between labelled ones
+    assert written["deterministic"] and written["extra"]["augmentation_processes"] == 0
+    assert ssl["logging"]["unsup_losses"][1] > 0.0
+    assert len(supervised_batches) == 6 and ssl_batches == supervised_batches
+    _, never_started, _ = run("ssl", ssl_start_dice=1.0)
+    assert never_started["init_args"][STATE_KEY]["ssl_start_epoch"] is None
+    weights = supervised["network_weights"]
+    assert all(torch.equal(weights[k], never_started["network_weights"][k]) for k in weights)
+    assert not all(torch.equal(weights[k], ssl["network_weights"][k]) for k in weights)
+
+
 def test_filtermatch_filters_on_schedule(prepared: Path) -> None:
     config = resolve_config(
         {**SHORT, "mode": "filtermatch", "epochs": 3, "filter_start": 2, "filter_scoring": "running"}
@@ -196,7 +228,7 @@ def test_killed_run_resumes_with_pool_rounds_and_optimiser(prepared: Path) -> No
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group, so the kill below reaches the augmentation workers too
     )
-    deadline = time.time() + 240
+    deadline = time.time() + 480  # about 60 s on an idle 2-core machine; generous for a loaded one
     try:
         while time.time() < deadline:
             logs = list(out.glob("training_log_*.txt"))

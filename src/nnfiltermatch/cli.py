@@ -62,6 +62,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="repeatable runs: augmentation in the training process (nnUNet_n_proc_DA=0, the CPU default) and "
+        "deterministic cuDNN; the same seed then gives the same model on CPU, and an ssl run whose pseudo-labels "
+        "never start gives its supervised twin's",
+    )
     p.add_argument("--continue", dest="continue_training", action="store_true", help="resume from the last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished or interrupted run")
     p.add_argument("--no-final-validation", action="store_true", help="skip nnU-Net's validation after training")
@@ -200,6 +208,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 TRAIN_OPTION_NAMES = (
     "seed",
+    "deterministic",
     "epochs",
     "iters_per_epoch",
     "val_iters_per_epoch",

@@ -34,6 +34,8 @@ class TrainConfig:
     mode: str = "filtermatch"
     preset: str = "default"
     seed: int = 0
+    # augmentation in the training process and deterministic cuDNN: the seed then repeats a run bit for bit on CPU
+    deterministic: bool = False
     # schedule and optimiser (None: nnU-Net's own value, or the plan's for the batch size)
     epochs: int = 100
     iters_per_epoch: int = 250

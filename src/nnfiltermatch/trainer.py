@@ -23,6 +23,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
@@ -228,6 +229,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             self.label_manager,
             transforms,
             pin_memory=self.device.type == "cuda",
+            seed=self.fm.seed * 1_000_003 + 104_729 + self.current_epoch + 7_919 * self.local_rank,
         )
 
     def on_train_start(self) -> None:
@@ -242,6 +244,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
                 "batch_size_used": self.batch_size,
                 "patch_size": list(self.configuration_manager.patch_size),
                 "unlabeled_pool_start": len(self.pool or []),
+                "augmentation_processes": get_allowed_n_proc_DA(),
             }
             config.write(Path(self.output_folder) / CONFIG_FILENAME)
             if self.fm.mode == "filtermatch" and self.fm.filter_scoring == "running":

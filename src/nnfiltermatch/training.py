@@ -27,11 +27,26 @@ def configure_runtime(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise PreparationError("--device cuda: no CUDA device is visible to torch; use --device cpu")
     if device == "cpu":
-        cores = os.cpu_count() or 1
         os.environ.setdefault("nnUNet_compile", "false")
-        os.environ.setdefault("nnUNet_n_proc_DA", str(min(2, cores)))
+        # augmentation in the training process: as fast as 2 workers on a 2-core machine (benchmarks/determinism.py),
+        # and its random numbers come from the seed, so a seed repeats a CPU run
+        os.environ.setdefault("nnUNet_n_proc_DA", "0")
         os.environ.setdefault("nnUNet_def_n_proc", "1")
     return torch.device(device)
+
+
+def make_repeatable(deterministic: bool, device: torch.device) -> None:
+    """``--deterministic``: augmentation in this process, and cuDNN's deterministic kernels on CUDA.
+
+    Why: nnU-Net's augmentation workers seed themselves from the operating system and hand batches over in the
+    order they finish, so no seed repeats a run that uses them. Without the option, CUDA runs keep nnU-Net's
+    ``cudnn.benchmark`` for speed, as its own ``nnUNetv2_train`` does.
+    """
+    if deterministic:
+        os.environ["nnUNet_n_proc_DA"] = "0"
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cudnn.benchmark = not deterministic
 
 
 def seed_everything(seed: int) -> None:
@@ -264,6 +279,7 @@ def _run_trainer(
     # a different seed per DDP rank, so ranks draw different batches (nnU-Net's loaders sample at random; DDP
     # broadcasts rank 0's initial weights, so the model does not depend on it); rank 0 keeps the single-process seed
     seed_everything(config.seed + distributed.rank())
+    make_repeatable(config.deterministic, torch_device)
     trainer = build_trainer(dataset_name, configuration, fold, config, torch_device, continue_training)
     if continue_training:
         checkpoint = next(

@@ -8,11 +8,14 @@ class locations. What comes out of the augmentation is the weak view.
 from __future__ import annotations
 
 import pickle
+import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import blosc2
 import numpy as np
+import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
@@ -55,6 +58,47 @@ class UnlabeledDataset(nnUNetBaseDataset):
         return sorted(p.name[: -len(".b2nd")] for p in Path(folder).glob("*.b2nd"))
 
 
+RandomState = tuple[Any, dict[str, Any], torch.Tensor]
+
+
+def _capture_random_state() -> RandomState:
+    return random.getstate(), np.random.get_state(legacy=False), torch.get_rng_state()
+
+
+def _restore_random_state(state: RandomState) -> None:
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+
+
+class OwnRandomStream(Iterator):
+    """A single-process loader that draws every batch from its own random state, not the process's.
+
+    Why: nnU-Net's sampling and augmentation draw from the global ``random``/NumPy/torch generators, which the
+    labelled loader shares. With its own state, drawing unlabelled batches leaves the labelled batches of a
+    semi-supervised run exactly those of its supervised twin with the same seed, so paired runs differ by the method
+    alone (common random numbers).
+    """
+
+    def __init__(self, loader: Any, seed: int):
+        self.loader = loader
+        outside = _capture_random_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        self._state = _capture_random_state()
+        _restore_random_state(outside)
+
+    def __next__(self) -> Any:
+        outside = _capture_random_state()
+        _restore_random_state(self._state)
+        try:
+            return next(self.loader)
+        finally:
+            self._state = _capture_random_state()
+            _restore_random_state(outside)
+
+
 def make_unlabeled_loader(
     folder: Path,
     identifiers: list[str],
@@ -64,8 +108,12 @@ def make_unlabeled_loader(
     label_manager: Any,
     transforms: Any,
     pin_memory: bool,
-) -> NonDetMultiThreadedAugmenter | SingleThreadedAugmenter:
-    """A fresh loader over exactly ``identifiers``: rebuilt after each filter round so its workers see the new pool."""
+    seed: int,
+) -> NonDetMultiThreadedAugmenter | OwnRandomStream:
+    """A fresh loader over exactly ``identifiers``: rebuilt after each filter round so its workers see the new pool.
+
+    ``seed`` seeds the single-process stream (``nnUNet_n_proc_DA=0``); nnU-Net's worker processes seed themselves.
+    """
     if not identifiers:
         raise ValueError("the unlabelled pool is empty")
     dataset = UnlabeledDataset(str(folder), sorted(identifiers))
@@ -82,7 +130,7 @@ def make_unlabeled_loader(
     )
     processes = get_allowed_n_proc_DA()
     if processes == 0:
-        return SingleThreadedAugmenter(loader, None)
+        return OwnRandomStream(SingleThreadedAugmenter(loader, None), seed)
     return NonDetMultiThreadedAugmenter(
         data_loader=loader,
         transform=None,
@@ -95,7 +143,7 @@ def make_unlabeled_loader(
 
 
 def shutdown_loader(loader: Any) -> None:
-    """Stop a multi-process augmenter's workers (single-threaded ones have none)."""
+    """Stop a multi-process augmenter's workers (single-process streams have none)."""
     finish = getattr(loader, "_finish", None)
     if callable(finish):
         finish()

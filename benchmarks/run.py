@@ -304,8 +304,9 @@ def run_experiment(
     exp: Experiment, profile: Profile, device: str, out: Path, modes: tuple[str, ...], prepared: Any
 ) -> dict:
     from nnfiltermatch.config import TrainConfig, resolve_config
-    from nnfiltermatch.inference import predict_folder
+    from nnfiltermatch.inference import load_checkpoint_safely, predict_folder
     from nnfiltermatch.metrics import evaluate_folders
+    from nnfiltermatch.trainer import STATE_KEY
     from nnfiltermatch.training import train
 
     _use_folders(exp)
@@ -359,6 +360,7 @@ def run_experiment(
             rounds = [
                 json.loads(p.read_text()) for p in sorted((trained.output_folder / "filter_rounds").glob("*.json"))
             ]
+            state = load_checkpoint_safely(trained.final_checkpoint)["init_args"][STATE_KEY]
             record = {
                 "mode": mode,
                 "seed": seed,
@@ -366,6 +368,7 @@ def run_experiment(
                 "predict_seconds": predict_seconds,
                 "filter_seconds": sum(r["seconds"] for r in rounds),
                 "filter_rounds": len(rounds),
+                "ssl_start_epoch": state.get("ssl_start_epoch"),  # None: pseudo-labels never started
                 "per_class": {str(k): v for k, v in evaluation.per_class_mean.items()},
                 "mean": evaluation.mean_over_classes,
                 "n_undefined": {str(k): v for k, v in evaluation.n_undefined.items()},
@@ -500,6 +503,11 @@ def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tu
             f"- {mode} vs supervised: mean Dice gain {gain['dice_gain_mean'] * 100:+.2f} points "
             f"(per seed {per_seed}){p}"
         )
+    for mode in modes:
+        if mode != "supervised":
+            starts = [r.get("ssl_start_epoch", "?") for r in runs if r["mode"] == mode]
+            shown = ", ".join("never" if e is None else str(e) for e in starts)
+            lines.append(f"- {mode}: pseudo-labels from epoch (per seed) {shown}")
     if "median_seconds" in cost:
         med = cost["median_seconds"]
         train_total = summary["modes"].get("filtermatch", {}).get("train_seconds")

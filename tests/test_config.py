@@ -59,3 +59,11 @@ def test_deterministic_is_a_train_option_that_forces_in_process_augmentation(mon
     assert os.environ["nnUNet_n_proc_DA"] == "6"  # the user's choice stands without --deterministic
     make_repeatable(True, torch.device("cpu"))
     assert os.environ["nnUNet_n_proc_DA"] == "0"
+
+
+def test_importing_the_package_asks_mkl_for_alignment_independent_results() -> None:
+    """Without it an ssl run that followed an evaluation in the same process left its supervised twin (BENCHMARKS
+    s.6); MKL reads the variable at its first call, so the package sets it before torch is imported through it."""
+    import nnfiltermatch
+
+    assert nnfiltermatch.__version__ and os.environ.get("MKL_CBWR") == "AUTO,STRICT"

@@ -52,6 +52,8 @@ class Profile:
     extra: dict[str, Any] = field(default_factory=dict)
     # when set: measure the step cost first and fit iters_per_epoch so that all modes and seeds train in this time
     train_budget_seconds: float | None = None
+    # Hippocampus: cases carved out of the training pool (never trained on, labelled or not) to choose defaults on
+    validation_cases: int = 0
 
 
 PROFILES = {
@@ -66,6 +68,19 @@ PROFILES = {
         val_iters_per_epoch=5,
         seeds=(0, 1, 2),
         extra={"deterministic": True},
+    ),
+    # the schedule chosen by the supervised learning curve (BENCHMARKS.md s.0): 10,000 iterations of 3d_fullres_cpu,
+    # with 20 validation cases held out of the Hippocampus training pool for choosing defaults
+    "cpu-long": Profile(
+        "cpu-long",
+        "3d_fullres_cpu",
+        "2d_cpu",
+        epochs=100,
+        iters_per_epoch=100,
+        val_iters_per_epoch=5,
+        seeds=(0, 1, 2),
+        extra={"deterministic": True},
+        validation_cases=20,
     ),
     # fits in about 10 minutes on one H100/H200 for all modes, one seed
     "gpu-short": Profile(
@@ -113,6 +128,8 @@ class Experiment:
     test_labels: Path
     labels: list[int]
     class_names: dict[int, str]
+    validation_images: Path | None = None
+    validation_labels: Path | None = None
 
 
 def _shared(args: argparse.Namespace) -> Path:
@@ -127,52 +144,65 @@ def _link_case(src_image: Path, src_label: Path, images: Path, labels: Path, cas
     (labels / f"{case}.nii.gz").symlink_to(src_label.resolve())
 
 
-def setup_hippocampus(shared: Path, work: Path, labeled_key: str, test_cases: int = 50) -> Experiment:
-    """MSD Hippocampus with a seeded held-out test split of 50 cases; the rest is the training pool."""
+HIPPOCAMPUS_FRACTIONS = {"10pct": 0.1, "5pct": 0.05, "all": 1.0}
+
+
+def setup_hippocampus(
+    shared: Path, work: Path, labeled_key: str, test_cases: int = 50, validation_cases: int = 0
+) -> Experiment:
+    """MSD Hippocampus with a seeded held-out test split of 50 cases; the rest is the training pool.
+
+    ``validation_cases`` > 0 carves that many more cases out of the training pool (seed 1), held out of training
+    entirely, to choose schedules and defaults on without reading the test cases; it is its own dataset (907).
+    ``labeled_key`` ``all``: every training case labelled, the ceiling at a schedule.
+    """
     from nnfiltermatch.inventory import sample_labeled_ids, write_labeled_list
 
+    if labeled_key not in HIPPOCAMPUS_FRACTIONS:
+        sys.exit(f"--labeled for hippocampus: one of {', '.join(HIPPOCAMPUS_FRACTIONS)}")
     src = shared / "hippocampus"
-    name = "Dataset904_HippocampusBench"
-    raw_root = work / "hippocampus" / "nnUNet_raw"
+    name = "Dataset907_HippocampusBenchVal" if validation_cases else "Dataset904_HippocampusBench"
+    base = work / ("hippocampus_val" if validation_cases else "hippocampus")
+    raw_root = base / "nnUNet_raw"
     raw = raw_root / name
     ids = sorted(p.name[: -len("_0000.nii.gz")] for p in (src / "imagesTr").glob("*_0000.nii.gz"))
-    rng = np.random.default_rng(0)
-    test = sorted(rng.choice(ids, size=test_cases, replace=False).tolist())
-    train = [i for i in ids if i not in test]
+    test = sorted(np.random.default_rng(0).choice(ids, size=test_cases, replace=False).tolist())
+    pool = [i for i in ids if i not in test]
+    validation = (
+        sorted(np.random.default_rng(1).choice(pool, size=validation_cases, replace=False).tolist())
+        if validation_cases
+        else []
+    )
+    train = [i for i in pool if i not in validation]
     if not raw.is_dir():
         partial = raw_root / (name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-            (partial / sub).mkdir(parents=True)
-        for case in train:
-            _link_case(
-                src / "imagesTr" / f"{case}_0000.nii.gz",
-                src / "labelsTr" / f"{case}.nii.gz",
-                partial / "imagesTr",
-                partial / "labelsTr",
-                case,
-            )
-        for case in test:
-            _link_case(
-                src / "imagesTr" / f"{case}_0000.nii.gz",
-                src / "labelsTr" / f"{case}.nii.gz",
-                partial / "imagesTs",
-                partial / "labelsTs",
-                case,
-            )
+        splits = {"Tr": train, "Ts": test, "Val": validation}
+        for suffix, cases in splits.items():
+            (partial / f"images{suffix}").mkdir(parents=True)
+            (partial / f"labels{suffix}").mkdir(parents=True)
+            for case in cases:
+                _link_case(
+                    src / "imagesTr" / f"{case}_0000.nii.gz",
+                    src / "labelsTr" / f"{case}.nii.gz",
+                    partial / f"images{suffix}",
+                    partial / f"labels{suffix}",
+                    case,
+                )
         dataset_json = json.loads((src / "dataset.json").read_text())
         dataset_json["numTraining"] = len(train)
-        dataset_json["description"] = f"{dataset_json.get('description', '')}; benchmark split: {len(test)} held-out"
+        dataset_json["description"] = (
+            f"{dataset_json.get('description', '')}; benchmark split: {len(test)} test, {len(validation)} validation "
+            "held out"
+        )
         (partial / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
         partial.rename(raw)
-    fractions = {"10pct": 0.1, "5pct": 0.05}
-    if labeled_key not in fractions:
-        sys.exit(f"--labeled for hippocampus: one of {', '.join(fractions)}")
-    labeled_list = work / "hippocampus" / f"labeled_{labeled_key}.txt"
+    fraction = HIPPOCAMPUS_FRACTIONS[labeled_key]
+    labeled_list = base / f"labeled_{labeled_key}.txt"
     write_labeled_list(
-        sample_labeled_ids(train, fractions[labeled_key], 0),
+        sample_labeled_ids(train, fraction, 0) if fraction < 1 else train,
         labeled_list,
-        header=f"{fractions[labeled_key]:.0%} of the {len(train)} training cases, seed 0",
+        header=f"{fraction:.0%} of the {len(train)} training cases, seed 0",
     )
     return Experiment(
         "hippocampus",
@@ -180,12 +210,14 @@ def setup_hippocampus(shared: Path, work: Path, labeled_key: str, test_cases: in
         labeled_key,
         labeled_list,
         "3d",
-        work / "hippocampus" / labeled_key,
+        base / labeled_key,
         raw_root,
         raw / "imagesTs",
         raw / "labelsTs",
         [1, 2],
         {1: "anterior", 2: "posterior"},
+        raw / "imagesVal" if validation_cases else None,
+        raw / "labelsVal" if validation_cases else None,
     )
 
 
@@ -280,7 +312,11 @@ def prepare_experiment(exp: Experiment, profile: Profile, num_processes: int) ->
 
     _use_folders(exp)
     return prepare(
-        exp.dataset_name, [configuration_for(exp, profile)], labeled_list=exp.labeled_list, num_processes=num_processes
+        exp.dataset_name,
+        [configuration_for(exp, profile)],
+        labeled_list=exp.labeled_list,
+        num_processes=num_processes,
+        allow_no_unlabeled=exp.labeled_key == "all",
     )
 
 
@@ -300,12 +336,39 @@ def fit_to_budget(profile: Profile, cost: dict, modes: tuple[str, ...], seconds:
     return Profile(**{**asdict(profile), "iters_per_epoch": max(5, int(iterations)), "train_budget_seconds": seconds})
 
 
-def run_experiment(
-    exp: Experiment, profile: Profile, device: str, out: Path, modes: tuple[str, ...], prepared: Any
-) -> dict:
-    from nnfiltermatch.config import TrainConfig, resolve_config
-    from nnfiltermatch.inference import load_checkpoint_safely, predict_folder
+def _evaluate(exp: Experiment, images: Path, labels: Path, model: Path, pred_dir: Path, device: str) -> dict:
+    """Predict one split with the final model and evaluate it in voxels; the label maps are not kept."""
+    from nnfiltermatch.inference import predict_folder
     from nnfiltermatch.metrics import evaluate_folders
+
+    if pred_dir.exists():
+        shutil.rmtree(pred_dir)
+    t0 = time.time()
+    predict_folder(images, pred_dir, model, folds=["all"], device=device, mirroring=False)
+    seconds = time.time() - t0
+    evaluation = evaluate_folders(labels, pred_dir, labels=exp.labels, units="voxel", progress=False)
+    evaluation.to_json(pred_dir.parent / f"evaluation_{pred_dir.name}.json")
+    shutil.rmtree(pred_dir)
+    return {
+        "per_class": {str(k): v for k, v in evaluation.per_class_mean.items()},
+        "mean": evaluation.mean_over_classes,
+        "n_undefined": {str(k): v for k, v in evaluation.n_undefined.items()},
+        "predict_seconds": seconds,
+    }
+
+
+def run_experiment(
+    exp: Experiment,
+    profile: Profile,
+    device: str,
+    out: Path,
+    modes: tuple[str, ...],
+    prepared: Any,
+    split: str = "test",
+) -> dict:
+    """Train every mode and seed, evaluate on ``split`` (``test`` also evaluates the validation cases, if any)."""
+    from nnfiltermatch.config import TrainConfig, resolve_config
+    from nnfiltermatch.inference import load_checkpoint_safely
     from nnfiltermatch.trainer import STATE_KEY
     from nnfiltermatch.training import train
 
@@ -338,6 +401,8 @@ def run_experiment(
                         f"{done} was trained with other settings ({', '.join(differs)}): pass another --results "
                         "folder for this schedule, or delete that run to redo it"
                     )
+                if kept.get("split", "test") != split:
+                    sys.exit(f"{done} was evaluated on the {kept.get('split', 'test')} split, not {split}")
                 runs.append(kept)
                 continue
             print(f"[benchmark] {exp.dataset_key} {exp.labeled_key} {profile.name}: {mode} seed {seed}", flush=True)
@@ -346,17 +411,20 @@ def run_experiment(
                 exp.dataset_name, configuration, "all", config, device, overwrite=True, final_validation=False
             )
             train_seconds = time.time() - t0
-            pred_dir = run_dir / "predictions"
-            if pred_dir.exists():
-                shutil.rmtree(pred_dir)
-            t0 = time.time()
-            predict_folder(
-                exp.test_images, pred_dir, trained.output_folder.parent, folds=["all"], device=device, mirroring=False
+            model = trained.output_folder.parent
+            validation = (
+                _evaluate(exp, exp.validation_images, exp.validation_labels, model, run_dir / "validation", device)
+                if exp.validation_images is not None
+                else None
             )
-            predict_seconds = time.time() - t0
-            evaluation = evaluate_folders(exp.test_labels, pred_dir, labels=exp.labels, units="voxel", progress=False)
-            evaluation.to_json(run_dir / "evaluation.json")
-            evaluation.to_csv(run_dir / "evaluation.csv")
+            # the test cases are read only by final runs (split test), never while choosing a schedule or a default
+            test = (
+                _evaluate(exp, exp.test_images, exp.test_labels, model, run_dir / "test", device)
+                if split == "test"
+                else None
+            )
+            reported = test if test is not None else validation
+            assert reported is not None
             rounds = [
                 json.loads(p.read_text()) for p in sorted((trained.output_folder / "filter_rounds").glob("*.json"))
             ]
@@ -364,23 +432,25 @@ def run_experiment(
             record = {
                 "mode": mode,
                 "seed": seed,
+                "split": split,
                 "train_seconds": train_seconds,
-                "predict_seconds": predict_seconds,
+                "predict_seconds": reported["predict_seconds"],
                 "filter_seconds": sum(r["seconds"] for r in rounds),
                 "filter_rounds": len(rounds),
                 "ssl_start_epoch": state.get("ssl_start_epoch"),  # None: pseudo-labels never started
-                "per_class": {str(k): v for k, v in evaluation.per_class_mean.items()},
-                "mean": evaluation.mean_over_classes,
-                "n_undefined": {str(k): v for k, v in evaluation.n_undefined.items()},
+                "per_class": reported["per_class"],
+                "mean": reported["mean"],
+                "n_undefined": reported["n_undefined"],
+                "validation": validation,
                 "config": config.to_dict(),
             }
-            shutil.rmtree(pred_dir)  # keep the metrics, not the label maps
             atomic_write_text(done, json.dumps(record, indent=2, default=float))
             runs.append(record)
     return {
         "configuration": configuration,
         "labeled_ids": prepared.labeled_ids,
         "n_unlabeled": len(prepared.unlabeled_ids),
+        "split": split,
         "runs": runs,
     }
 
@@ -412,6 +482,16 @@ def measure_cost(exp: Experiment, configuration: str, device: str, steps: int) -
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     return json.loads((exp.root / "step_cost" / "step_cost.json").read_text())
+
+
+def _commit() -> str:
+    """The code a result was measured with: the commit, marked when the working tree had changes."""
+    import subprocess
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--", "src") else "")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -460,13 +540,16 @@ def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tu
             "paired_t_p": p_value,
         }
     paper = PAPER.get((exp.dataset_key, exp.labeled_key))
-    n_test = len([p for p in exp.test_labels.iterdir() if not p.name.startswith(".")])
+    split = result.get("split", "test")
+    split_labels = exp.test_labels if split == "test" else exp.validation_labels
+    assert split_labels is not None
+    n_cases = len([p for p in split_labels.iterdir() if not p.name.startswith(".")])
     lines = [
         f"### {exp.dataset_key}, labelled list `{exp.labeled_key}` ({len(result['labeled_ids'])} labelled / "
         f"{result['n_unlabeled']} unlabelled), profile `{profile.name}`",
         "",
         f"`{result['configuration']}`, {profile.epochs} epochs x {profile.iters_per_epoch} iterations, seeds "
-        f"{', '.join(map(str, profile.seeds))}; test: {n_test} cases of {_shown(exp.test_labels)}; metrics in voxels, "
+        f"{', '.join(map(str, profile.seeds))}; {split}: {n_cases} cases of {_shown(split_labels)}; metrics in voxels, "
         "mean ± std over seeds of the per-volume mean"
         + (
             f"; iterations per epoch fitted to a {profile.train_budget_seconds:.0f} s training budget from the "
@@ -547,7 +630,7 @@ def main() -> None:
     parser.add_argument("--shared", help="folder with hippocampus/, acdc/, la/ (default ../shared/data)")
     parser.add_argument("--work", type=Path, default=REPO / "work_dirs")
     parser.add_argument("--results", type=Path, default=REPO / "results")
-    parser.add_argument("--cost-steps", type=int, default=30)
+    parser.add_argument("--cost-steps", type=int, default=30, help="steps of the cost measurement (0: skip it)")
     parser.add_argument(
         "--train-budget",
         type=float,
@@ -556,6 +639,13 @@ def main() -> None:
         "(gpu-short: 300 by default)",
     )
     parser.add_argument("--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
+    parser.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="test (final runs: also evaluates the validation cases) or validation (choosing a schedule or a "
+        "default: the test cases are not read); validation needs a profile with validation cases (cpu-long)",
+    )
     args = parser.parse_args()
     import torch
 
@@ -567,8 +657,16 @@ def main() -> None:
         profile = Profile(**{**asdict(profile), "epochs": args.epochs})
     if args.iters_per_epoch:
         profile = Profile(**{**asdict(profile), "iters_per_epoch": args.iters_per_epoch})
-    exp = SETUPS[args.dataset](_shared(args), args.work.resolve(), args.labeled)
-    out = args.results / args.dataset / profile.name / args.labeled
+    if profile.validation_cases and args.dataset != "hippocampus":
+        sys.exit(f"profile {profile.name} holds out validation cases, so far for hippocampus only")
+    setup_options = {"validation_cases": profile.validation_cases} if profile.validation_cases else {}
+    exp = SETUPS[args.dataset](_shared(args), args.work.resolve(), args.labeled, **setup_options)
+    if args.split == "validation" and exp.validation_images is None:
+        sys.exit(f"--split validation: profile {profile.name} holds out no validation cases (use cpu-long)")
+    # a schedule other than the profile's, or the validation split, gets a folder of its own
+    schedule = f"_{profile.epochs}x{profile.iters_per_epoch}" if args.epochs or args.iters_per_epoch else ""
+    labeled_dir = args.labeled + ("_validation" if args.split == "validation" else "")
+    out = args.results / args.dataset / (profile.name + schedule) / labeled_dir
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     modes = tuple(args.modes)
@@ -581,9 +679,9 @@ def main() -> None:
             sys.exit(f"step-cost measurement failed:\n{cost['error']}")
         profile = fit_to_budget(profile, cost, modes, budget)
         print(f"[benchmark] {budget:.0f} s training budget: {profile.epochs} x {profile.iters_per_epoch}", flush=True)
-    result = run_experiment(exp, profile, device, out, modes, prepared)
+    result = run_experiment(exp, profile, device, out, modes, prepared, args.split)
     if cost is None:
-        cost = measure_cost(exp, result["configuration"], device, args.cost_steps)
+        cost = measure_cost(exp, result["configuration"], device, args.cost_steps) if args.cost_steps else {}
     summary, table = summarise(exp, profile, result, cost)
     command = " ".join(["python", "benchmarks/run.py", *sys.argv[1:]])
     payload = {
@@ -593,6 +691,7 @@ def main() -> None:
         "device": device,
         "machine": platform.platform(),
         "command": command,
+        "commit": _commit(),
         "wall_seconds": time.time() - started,
         **result,
         "summary": summary,

@@ -1,4 +1,4 @@
-"""Benchmark runner: the three modes on a dataset and a labelled list, several seeds, test-set metrics, cost.
+"""Benchmark runner: the arms (modes) on a dataset and a labelled list, several seeds, test-set metrics, cost.
 
     .venv/bin/python benchmarks/run.py --dataset hippocampus --labeled 10pct --profile cpu-small
     .venv/bin/python benchmarks/run.py --dataset acdc --labeled 3 --profile cpu-small
@@ -33,7 +33,9 @@ from nnfiltermatch.files import atomic_write_text
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-MODES = ("supervised", "ssl", "filtermatch")
+# supervised first: selftrain starts from (reuses) the supervised run of the same seed; "paper" is filtermatch with
+# --preset paper at the profile's schedule
+MODES = ("supervised", "selftrain", "ssl", "filtermatch", "paper")
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
 
@@ -357,6 +359,46 @@ def _evaluate(exp: Experiment, images: Path, labels: Path, model: Path, pred_dir
     }
 
 
+def arm_config(arm: str, overrides: dict[str, Any], profile: Profile) -> Any:
+    """The training configuration of one arm. ``paper``: the reference's recipe (``--preset paper``) at this
+    schedule, its epoch-based settings scaled from its 300 epochs (filter rounds at 1/3 and 2/3, warm-up 20 or 5 of
+    300, flips from 1/3)."""
+    from nnfiltermatch.config import paper_values, resolve_config
+
+    if arm != "paper":
+        return resolve_config({**overrides, "mode": arm}, preset=profile.preset)
+    reference = paper_values(overrides.get("labeled_fraction"))
+    third = max(1, round(profile.epochs / 3))
+    scaled = {
+        "filter_start": third,
+        "filter_every": third,
+        "flip_from_epoch": third,
+        "warmup_epochs": max(1, round(reference["warmup_epochs"] * profile.epochs / reference["epochs"])),
+    }
+    return resolve_config({**overrides, **scaled, "mode": "filtermatch"}, preset="paper")
+
+
+def _teacher_as_model(model: Path, state: dict, target: Path) -> Path | None:
+    """A copy of the model folder whose final weights are the run's EMA teacher (None: the run has no teacher).
+
+    Why: whether to predict with the teacher is chosen on the validation cases, and the teacher of the same run
+    answers it without training again.
+    """
+    import torch
+
+    if state.get("teacher") is None:
+        return None
+    if target.exists():
+        shutil.rmtree(target)
+    (target / "fold_all").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        shutil.copy(model / name, target / name)
+    checkpoint = torch.load(model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint["network_weights"] = state["teacher"]
+    torch.save(checkpoint, target / "fold_all" / "checkpoint_final.pth")
+    return target
+
+
 def run_experiment(
     exp: Experiment,
     profile: Profile,
@@ -367,7 +409,7 @@ def run_experiment(
     split: str = "test",
 ) -> dict:
     """Train every mode and seed, evaluate on ``split`` (``test`` also evaluates the validation cases, if any)."""
-    from nnfiltermatch.config import TrainConfig, resolve_config
+    from nnfiltermatch.config import TrainConfig
     from nnfiltermatch.inference import load_checkpoint_safely
     from nnfiltermatch.trainer import STATE_KEY
     from nnfiltermatch.training import train
@@ -380,7 +422,6 @@ def run_experiment(
             run_dir = out / "runs" / f"{mode}_seed{seed}"
             done = run_dir / "run.json"
             overrides = {
-                "mode": mode,
                 "seed": seed,
                 "epochs": profile.epochs,
                 "iters_per_epoch": profile.iters_per_epoch,
@@ -389,7 +430,7 @@ def run_experiment(
                 "labeled_fraction": prepared.labeled_fraction,
                 **profile.extra,
             }
-            config = resolve_config(overrides, preset=profile.preset)
+            config = arm_config(mode, overrides, profile)
             if done.is_file():  # resumable benchmark: finished runs are kept, if they ran this schedule
                 kept = json.loads(done.read_text())
                 defaults = TrainConfig().to_dict()  # a setting added since that run had its default value then
@@ -411,6 +452,10 @@ def run_experiment(
                 exp.dataset_name, configuration, "all", config, device, overwrite=True, final_validation=False
             )
             train_seconds = time.time() - t0
+            if trained.supervised_stage_reused:  # selftrain's stage 1 is the supervised run: count its time too
+                train_seconds += next(
+                    (r["train_seconds"] for r in runs if r["mode"] == "supervised" and r["seed"] == seed), 0.0
+                )
             model = trained.output_folder.parent
             validation = (
                 _evaluate(exp, exp.validation_images, exp.validation_labels, model, run_dir / "validation", device)
@@ -429,6 +474,23 @@ def run_experiment(
                 json.loads(p.read_text()) for p in sorted((trained.output_folder / "filter_rounds").glob("*.json"))
             ]
             state = load_checkpoint_safely(trained.final_checkpoint)["init_args"][STATE_KEY]
+            teacher_model = (
+                _teacher_as_model(model, state, exp.root / "teacher_model")
+                if exp.validation_images is not None
+                else None
+            )
+            validation_teacher = (
+                _evaluate(
+                    exp,
+                    exp.validation_images,
+                    exp.validation_labels,
+                    teacher_model,
+                    run_dir / "validation_teacher",
+                    device,
+                )
+                if teacher_model is not None
+                else None
+            )
             record = {
                 "mode": mode,
                 "seed": seed,
@@ -437,11 +499,13 @@ def run_experiment(
                 "predict_seconds": reported["predict_seconds"],
                 "filter_seconds": sum(r["seconds"] for r in rounds),
                 "filter_rounds": len(rounds),
+                "supervised_stage_reused": trained.supervised_stage_reused,
                 "ssl_start_epoch": state.get("ssl_start_epoch"),  # None: pseudo-labels never started
                 "per_class": reported["per_class"],
                 "mean": reported["mean"],
                 "n_undefined": reported["n_undefined"],
                 "validation": validation,
+                "validation_teacher": validation_teacher,  # the same run predicting with its EMA teacher
                 "config": config.to_dict(),
             }
             atomic_write_text(done, json.dumps(record, indent=2, default=float))

@@ -317,3 +317,79 @@ def test_checkpoint_from_before_the_gate_keeps_its_start(
     resumed.load_checkpoint(str(path))
     assert resumed.current_epoch == saved_epoch + 1
     assert resumed.ssl_start_epoch == expected_start
+
+
+def test_selftrain_trains_on_the_supervised_models_pseudo_labels(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline self-training as one command: the supervised run, the whole pool pseudo-labelled once by it, stage 2
+    from its weights on labelled + pseudo-labelled batches; a second call reuses the finished supervised run."""
+    import blosc2
+    import numpy as np
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    config = resolve_config({**SHORT, "mode": "selftrain"})
+    batches: list[tuple[str, int, int]] = []  # (trainer, rows nnU-Net's step trains on, labelled batch size)
+    original = nnUNetTrainer.train_step
+
+    def recording_step(self: nnUNetTrainer, batch: dict) -> dict:
+        batches.append((type(self).__name__, batch["data"].shape[0], self.batch_size))
+        return original(self, batch)
+
+    monkeypatch.setattr(nnUNetTrainer, "train_step", recording_step)
+    result = train(DATASET, CONFIG, "all", config, "cpu", overwrite=True, final_validation=False)
+    out = result.output_folder
+    assert out.parent.name.startswith("nnFilterMatchTrainer_selftrain__")
+    assert result.supervised_stage is not None and not result.supervised_stage_reused
+    supervised_written = json.loads((result.supervised_stage / CONFIG_FILENAME).read_text())
+    assert supervised_written["mode"] == "supervised" and supervised_written["iters_per_epoch"] == 3
+    written = json.loads((out / CONFIG_FILENAME).read_text())
+    assert written["iters_per_epoch"] == 2  # half the iterations, twice the batch: the compute of one ssl run
+    assert written["extra"]["selftrain_from"] == str(result.supervised_stage / "checkpoint_final.pth")
+    stage1 = [n for name, n, b in batches if name == "nnFilterMatchTrainer_supervised" and n == b]
+    stage2 = [n for name, n, b in batches if name == "nnFilterMatchTrainer_selftrain" and n == 2 * b]
+    assert len(stage1) == 6 and len(stage2) == 4 and len(batches) == 10  # stage 2: labelled + as many pseudo
+    trainer = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
+    labels = sorted((out / "pseudo_labels").glob("*.npy"))
+    assert len(labels) == 36 and not list((out / "pseudo_labels").glob("*.partial*"))
+    for path in labels[:5]:
+        seg = np.load(path)
+        image = blosc2.open(str(trainer.unlabeled_folder / path.name.replace(".npy", ".b2nd")), mode="r")
+        assert seg.shape == (1, *image.shape[1:]) and set(np.unique(seg)) <= {0, 1, 2}
+    state = _checkpoint(out)["init_args"][STATE_KEY]
+    assert state["mode"] == "selftrain" and state["ssl_start_epoch"] == 0 and state["teacher"] is None
+    assert "self-training starts from the supervised model" in "".join(
+        log.read_text() for log in out.glob("training_log_*.txt")
+    )
+    stage1_mtime = (result.supervised_stage / "checkpoint_final.pth").stat().st_mtime
+    again = train(DATASET, CONFIG, "all", config, "cpu", overwrite=True, final_validation=False)
+    assert again.supervised_stage_reused
+    assert (result.supervised_stage / "checkpoint_final.pth").stat().st_mtime == stage1_mtime
+    # a supervised run with other options is not replaced unless asked
+    other = resolve_config({**SHORT, "mode": "selftrain", "lr": 5e-3})
+    with pytest.raises(PreparationError, match="pass --overwrite to replace it"):
+        train(DATASET, CONFIG, "all", other, "cpu", final_validation=False)
+
+
+def test_pseudo_labelled_stream_carries_its_fixed_labels(prepared: Path, tmp_path: Path) -> None:
+    """The pseudo-labels reach the batches through nnU-Net's loader and augmentation, as a labelled case's do."""
+    import blosc2
+    import numpy as np
+
+    from nnfiltermatch.unlabeled import UnlabeledDataset, save_pseudo_label
+
+    config = resolve_config({**SHORT, "mode": "ssl"})
+    trainer = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
+    trainer.initialize()
+    trainer.pool = UnlabeledDataset.get_identifiers(str(trainer.unlabeled_folder))
+    for case in trainer.pool:
+        shape = blosc2.open(str(trainer.unlabeled_folder / f"{case}.b2nd"), mode="r").shape[1:]
+        save_pseudo_label(tmp_path, case, np.full((1, *shape), 2, dtype=np.int16))
+    stream = trainer._build_unlabeled_loader(pseudo_label_folder=tmp_path)
+    batch = next(stream)
+    target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+    assert target.shape[0] == trainer.unlabeled_batch_size
+    assert (target == 2).float().mean() > 0.5  # all 2 but where augmentation padded the border
+    plain = next(trainer._build_unlabeled_loader())
+    plain_target = plain["target"][0] if isinstance(plain["target"], list) else plain["target"]
+    assert not (plain_target == 2).any()

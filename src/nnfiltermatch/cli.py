@@ -49,11 +49,18 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one fold in mode supervised, ssl or filtermatch")
+    p = sub.add_parser("train", help=f"train one fold in mode {', '.join(MODES)}")
     p.add_argument("-d", "--dataset", required=True)
     p.add_argument("-c", "--configuration", required=True, help="e.g. 3d_fullres, 2d, 3d_fullres_cpu")
     p.add_argument("-f", "--fold", required=True, help="0-4 or all")
-    p.add_argument("--mode", choices=MODES, default="filtermatch")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="filtermatch",
+        help="filtermatch (default): pseudo-labels + the entropy filter; ssl: pseudo-labels only; supervised: "
+        "labelled cases only; selftrain: offline self-training (the supervised run, reused if finished with the same "
+        "options, then training on labelled + its pseudo-labels at the compute of one ssl run)",
+    )
     p.add_argument(
         "--preset",
         choices=PRESETS,

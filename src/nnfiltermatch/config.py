@@ -16,8 +16,8 @@ from typing import Any, Literal
 from nnfiltermatch.files import atomic_write_text
 from nnfiltermatch.uncertainty import filter_schedule
 
-Mode = Literal["supervised", "ssl", "filtermatch"]
-MODES: tuple[str, ...] = ("supervised", "ssl", "filtermatch")
+Mode = Literal["supervised", "ssl", "filtermatch", "selftrain"]
+MODES: tuple[str, ...] = ("supervised", "ssl", "filtermatch", "selftrain")
 SCORES: tuple[str, ...] = ("mean", "sum", "topk")
 SCORINGS: tuple[str, ...] = ("window", "running")
 UNSUP_LOSSES: tuple[str, ...] = ("ce", "dice_ce")
@@ -75,6 +75,11 @@ class TrainConfig:
 
     @property
     def uses_unlabeled(self) -> bool:
+        return self.mode in ("ssl", "filtermatch", "selftrain")
+
+    @property
+    def pseudo_labels_online(self) -> bool:
+        """Pseudo-labels made during training by the model being trained (or its EMA); selftrain's are made once."""
         return self.mode in ("ssl", "filtermatch")
 
     @property

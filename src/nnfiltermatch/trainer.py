@@ -13,6 +13,7 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,19 @@ from nnfiltermatch.files import atomic_write_text
 from nnfiltermatch.preparation import PreparationError
 from nnfiltermatch.pseudo_labels import ema_update, every_class_segmented, pseudo_labels_for_scales, ramp_weight
 from nnfiltermatch.uncertainty import reduce_case_score, select_cases_to_drop, voxel_entropy
-from nnfiltermatch.unlabeled import UnlabeledDataset, make_unlabeled_loader, shutdown_loader
+from nnfiltermatch.unlabeled import (
+    UnlabeledDataset,
+    make_unlabeled_loader,
+    pseudo_labelled_ids,
+    save_pseudo_label,
+    shutdown_loader,
+)
 from nnfiltermatch.views import cutmix, cutout, sample_geometric_transform, strong_intensity
 
 STATE_KEY = "nnfiltermatch_state"
 SSL_LOG_KEYS = ("sup_losses", "unsup_losses", "confident_fraction", "unsup_weight", "pool_size")
 FILTER_DIRNAME = "filter_rounds"
+PSEUDO_LABEL_DIRNAME = "pseudo_labels"
 
 
 def _as_list(x: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
@@ -164,7 +172,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         if self.enable_deep_supervision:
             unsupervised = DeepSupervisionWrapper(unsupervised, self.loss.weight_factors)
         self.loss = SemiSupervisedLoss(self.loss, unsupervised)
-        if self.fm.uses_unlabeled and self.fm.teacher == "ema":
+        if self.fm.pseudo_labels_online and self.fm.teacher == "ema":
             self.teacher = copy.deepcopy(self.plain_network()).requires_grad_(False)
 
     def _initialize_cpu_ddp(self) -> None:
@@ -203,7 +211,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         """From this process's labelled batch: under DDP nnU-Net splits the global batch, so this splits too."""
         return max(1, round(self.fm.unlabeled_ratio * self.batch_size))
 
-    def _build_unlabeled_loader(self):
+    def _build_unlabeled_loader(self, pseudo_label_folder: Path | None = None):
         rotation, dummy_2d, initial_patch_size, mirror_axes = (
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         )
@@ -230,6 +238,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             transforms,
             pin_memory=self.device.type == "cuda",
             seed=self.fm.seed * 1_000_003 + 104_729 + self.current_epoch + 7_919 * self.local_rank,
+            pseudo_label_folder=pseudo_label_folder,
         )
 
     def on_train_start(self) -> None:
@@ -405,9 +414,8 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         }
 
     # ----- the filter ---------------------------------------------------------------------------------------
-    def score_pool(self, case_ids: list[str]) -> dict[str, float]:
-        """Entropy score of every case by nnU-Net's sliding-window inference with the pseudo-labelling model."""
-        model = self.pseudo_label_model()
+    def pool_logits(self, model: nn.Module, case_ids: list[str], desc: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each case's logits in the preprocessed geometry, by nnU-Net's sliding-window inference with ``model``."""
         decoder = model.decoder
         previous_ds = decoder.deep_supervision
         decoder.deep_supervision = False
@@ -431,20 +439,22 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             self.inference_allowed_mirroring_axes,
         )
         dataset = UnlabeledDataset(str(self.unlabeled_folder), list(case_ids))
-        scores: dict[str, float] = {}
         try:
-            for case_id in tqdm(
-                case_ids, desc=f"filter round (epoch {self.current_epoch})", unit="case", disable=self.local_rank != 0
-            ):
+            for case_id in tqdm(case_ids, desc=desc, unit="case", disable=self.local_rank != 0):
                 data = torch.from_numpy(np.ascontiguousarray(dataset.load_data(case_id)))
                 with torch.no_grad():
-                    logits = predictor.predict_sliding_window_return_logits(data)
-                    probs = torch.softmax(logits.float(), dim=0)
-                    scores[case_id] = reduce_case_score(
-                        voxel_entropy(probs, dim=0), self.fm.score, self.fm.topk_fraction
-                    )
+                    yield case_id, predictor.predict_sliding_window_return_logits(data)
         finally:
             decoder.deep_supervision = previous_ds
+
+    def score_pool(self, case_ids: list[str]) -> dict[str, float]:
+        """Entropy score of every case with the pseudo-labelling model."""
+        scores: dict[str, float] = {}
+        for case_id, logits in self.pool_logits(
+            self.pseudo_label_model(), case_ids, f"filter round (epoch {self.current_epoch})"
+        ):
+            probs = torch.softmax(logits.float(), dim=0)
+            scores[case_id] = reduce_case_score(voxel_entropy(probs, dim=0), self.fm.score, self.fm.topk_fraction)
         return scores
 
     def _accumulate_running_scores(self, keys: list[str], logits: torch.Tensor) -> None:
@@ -603,8 +613,85 @@ class nnFilterMatchTrainer_supervised(nnFilterMatchTrainer):  # noqa: N801
     mode = "supervised"
 
 
+class nnFilterMatchTrainer_selftrain(nnFilterMatchTrainer):  # noqa: N801
+    """Mode ``selftrain``, the second stage of offline self-training (the recipe users run by hand with nnU-Net).
+
+    Starts from the weights of a finished supervised run (``extra["selftrain_from"]``, set by ``training.train``),
+    labels the whole unlabelled pool once with them (sliding window, argmax, saved in ``pseudo_labels/``), then
+    trains with nnU-Net's own loss on batches of labelled and pseudo-labelled patches, both through nnU-Net's
+    augmentation. No teacher, no threshold, no strong view, no filter: the baseline a user would otherwise run.
+    """
+
+    mode = "selftrain"
+
+    @property
+    def pseudo_label_folder(self) -> Path:
+        return Path(self.output_folder) / PSEUDO_LABEL_DIRNAME
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        self._resumed = True
+
+    def get_dataloaders(self):
+        if not getattr(self, "_resumed", False):
+            self._start_from_supervised_weights()
+        if self.pool is None:
+            self.pool = UnlabeledDataset.get_identifiers(str(self.unlabeled_folder))
+        missing = sorted(set(self.pool) - pseudo_labelled_ids(self.pseudo_label_folder))
+        if missing:  # all of them on a new run; those a killed run did not reach on --continue
+            self._write_pseudo_labels(distributed.shard(missing))
+            distributed.barrier()
+        return super().get_dataloaders()
+
+    def _start_from_supervised_weights(self) -> None:
+        from nnfiltermatch.inference import load_checkpoint_safely
+
+        source = self.fm.extra.get("selftrain_from")
+        if not source:
+            raise PreparationError(
+                "mode selftrain starts from a supervised model: train it with `nnfiltermatch train --mode selftrain`, "
+                "which trains (or reuses) the supervised run first"
+            )
+        checkpoint = load_checkpoint_safely(Path(source))
+        self.plain_network().load_state_dict(checkpoint["network_weights"])
+        self.print_to_log_file(f"self-training starts from the supervised model {source}")
+
+    def _write_pseudo_labels(self, case_ids: list[str]) -> None:
+        model = self.plain_network()
+        was_training = model.training
+        model.eval()
+        for case_id, logits in self.pool_logits(model, case_ids, "pseudo-labelling the unlabelled pool"):
+            save_pseudo_label(self.pseudo_label_folder, case_id, logits.argmax(0, keepdim=True).cpu().numpy())
+        model.train(was_training)
+        self.print_to_log_file(f"pseudo-labelled {len(case_ids)} unlabelled cases with the supervised model")
+
+    def _build_unlabeled_loader(self):
+        return super()._build_unlabeled_loader(pseudo_label_folder=self.pseudo_label_folder)
+
+    def start_semi_supervision_if_due(self) -> bool:
+        """The pseudo-labels exist before the first step: they are used from epoch 0, with no gate."""
+        if self.ssl_start_epoch is None:
+            self.ssl_start_epoch = 0
+        return False
+
+    def train_step(self, batch: dict) -> dict:
+        pseudo = next(self.dataloader_unlabeled)
+        target = _as_list(batch["target"])
+        joint_target = [torch.cat([t, p.to(t.dtype)]) for t, p in zip(target, _as_list(pseudo["target"]))]
+        joint = {
+            "data": torch.cat([batch["data"], pseudo["data"]]),
+            "target": joint_target if isinstance(batch["target"], (list, tuple)) else joint_target[0],
+        }
+        assert isinstance(self.loss, SemiSupervisedLoss)
+        self.loss.n_labeled = None  # nnU-Net's loss on every row: pseudo-labels count as labels
+        result = nnUNetTrainer.train_step(self, joint)
+        self._epoch_stats.append({"sup": self.loss.last["sup"], "unsup": 0.0, "conf": float("nan"), "w": 1.0})
+        return result
+
+
 TRAINERS: dict[str, type[nnFilterMatchTrainer]] = {
     "filtermatch": nnFilterMatchTrainer,
     "ssl": nnFilterMatchTrainer_ssl,
     "supervised": nnFilterMatchTrainer_supervised,
+    "selftrain": nnFilterMatchTrainer_selftrain,
 }

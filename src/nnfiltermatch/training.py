@@ -13,13 +13,16 @@ import torch
 
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig
-from nnfiltermatch.preparation import PreparationError, env_folder, load_prepared, preprocessed_root
+from nnfiltermatch.preparation import PreparationError, PreparedDataset, env_folder, load_prepared, preprocessed_root
 
 
 @dataclass
 class TrainResult:
     output_folder: Path
     final_checkpoint: Path
+    # mode selftrain: the supervised run it started from, and whether that run was trained now or found finished
+    supervised_stage: Path | None = None
+    supervised_stage_reused: bool = False
 
 
 def configure_runtime(device: str) -> torch.device:
@@ -117,6 +120,21 @@ def train(
     torch_device = configure_runtime(device)  # before nnU-Net's configuration module reads the variables
     owns_group = _check_and_join_group(device, num_processes, backend)
     try:
+        if config.mode == "selftrain":
+            return _self_train(
+                dataset_name,
+                configuration,
+                fold,
+                config,
+                device,
+                torch_device,
+                continue_training,
+                overwrite,
+                final_validation,
+                explicit_options,
+                num_processes,
+                backend,
+            )
         return _train(
             dataset_name,
             configuration,
@@ -134,6 +152,108 @@ def train(
     finally:
         if owns_group:
             distributed.destroy()
+
+
+def selftrain_stages(config: TrainConfig) -> tuple[TrainConfig, TrainConfig]:
+    """The two trainings of offline self-training at the compute of one semi-supervised run.
+
+    Stage 1 is the supervised run of the same options. Stage 2 starts from its weights and trains on batches of
+    labelled plus as many pseudo-labelled patches for half the iterations per epoch: twice the supervised run's
+    compute in all, which is what an ssl step costs (about 2.0-2.3 supervised steps, BENCHMARKS.md s.2).
+    """
+    supervised = TrainConfig.from_dict({**config.to_dict(), "mode": "supervised", "extra": dict(config.extra)})
+    stage2 = TrainConfig.from_dict({**config.to_dict(), "extra": dict(config.extra)})
+    stage2.iters_per_epoch = max(1, -(-config.iters_per_epoch // 2))
+    return supervised, stage2
+
+
+def _finished_with(out: Path, config: TrainConfig) -> bool:
+    """A finished run in ``out`` trained with exactly ``config`` (bookkeeping aside)."""
+    stored = out / CONFIG_FILENAME
+    if not (out / "checkpoint_final.pth").is_file() or not stored.is_file():
+        return False
+    ignore = {"extra", "labeled_fraction"}
+    theirs = {
+        k: v for k, v in TrainConfig.from_dict(json.loads(stored.read_text())).to_dict().items() if k not in ignore
+    }
+    ours = {k: v for k, v in config.to_dict().items() if k not in ignore}
+    return theirs == ours
+
+
+def _self_train(
+    dataset_name: str,
+    configuration: str,
+    fold: int | str,
+    config: TrainConfig,
+    device: str,
+    torch_device: torch.device,
+    continue_training: bool,
+    overwrite: bool,
+    final_validation: bool,
+    explicit_options: set[str] | None,
+    num_processes: int,
+    backend: str | None,
+) -> TrainResult:
+    """``--mode selftrain``: the supervised run (reused when a finished one has the same options), then stage 2."""
+    from nnfiltermatch.trainer import TRAINERS
+
+    supervised, stage2 = selftrain_stages(config)
+    prepared = load_prepared(dataset_name)
+    _require_unlabeled(prepared, config, dataset_name)  # before stage 1, not after it
+    if supervised.labeled_fraction is None:
+        supervised.labeled_fraction = prepared.labeled_fraction
+    sup_out = output_folder_for(dataset_name, TRAINERS["supervised"].__name__, prepared.plans_name, configuration, fold)
+    reused = _finished_with(sup_out, supervised)
+    if not reused and (sup_out / "checkpoint_final.pth").is_file() and not (overwrite or continue_training):
+        raise PreparationError(
+            f"selftrain: its stage 1 is the supervised run with the same options, but {sup_out} holds a supervised "
+            f"run with other options ({sup_out / CONFIG_FILENAME}): pass --overwrite to replace it, or give selftrain "
+            "that run's options"
+        )
+    if reused:
+        print(f"selftrain: stage 1 is the finished supervised run in {sup_out} (same options)")
+    else:
+        print(f"selftrain: stage 1, the supervised run, into {sup_out}")
+        _train(
+            dataset_name,
+            configuration,
+            fold,
+            supervised,
+            device,
+            torch_device,
+            continue_training and (sup_out / "checkpoint_latest.pth").is_file(),
+            overwrite,
+            False,
+            explicit_options,
+            num_processes,
+            backend,
+        )
+    stage2.extra["selftrain_from"] = str(sup_out / "checkpoint_final.pth")
+    print(f"selftrain: stage 2, {stage2.epochs} x {stage2.iters_per_epoch} iterations on labelled + pseudo-labelled")
+    result = _train(
+        dataset_name,
+        configuration,
+        fold,
+        stage2,
+        device,
+        torch_device,
+        continue_training,
+        overwrite,
+        final_validation,
+        explicit_options,
+        num_processes,
+        backend,
+    )
+    result.supervised_stage, result.supervised_stage_reused = sup_out, reused
+    return result
+
+
+def _require_unlabeled(prepared: PreparedDataset, config: TrainConfig, dataset_name: str) -> None:
+    if config.uses_unlabeled and not prepared.unlabeled_ids:
+        raise PreparationError(
+            f"mode {config.mode} needs unlabelled images but {dataset_name} was prepared without any: add images to "
+            "imagesUnlabeled/ or prepare with a labelled list, or use --mode supervised"
+        )
 
 
 def _check_and_join_group(device: str, num_processes: int, backend: str | None) -> bool:
@@ -180,11 +300,7 @@ def _train(
                 f"-c {configuration} is not preprocessed: run `nnfiltermatch prepare -d {dataset_name} -c "
                 f"{configuration}` first"
             )
-    if config.uses_unlabeled and not prepared.unlabeled_ids:
-        raise PreparationError(
-            f"mode {config.mode} needs unlabelled images but {dataset_name} was prepared without any: add images to "
-            "imagesUnlabeled/ or prepare with a labelled list, or use --mode supervised"
-        )
+    _require_unlabeled(prepared, config, dataset_name)
     if fold != "all" and len(prepared.labeled_ids) < 5:
         raise PreparationError(
             f"-f {fold}: nnU-Net's 5-fold split needs at least 5 labelled cases, {dataset_name} has "

@@ -58,6 +58,37 @@ class UnlabeledDataset(nnUNetBaseDataset):
         return sorted(p.name[: -len(".b2nd")] for p in Path(folder).glob("*.b2nd"))
 
 
+PSEUDO_LABEL_SUFFIX = ".npy"
+
+
+def save_pseudo_label(folder: Path, identifier: str, seg: np.ndarray) -> None:
+    """One case's pseudo-label in the preprocessed geometry, ``(1, *spatial)`` int16; temporary name, then rename."""
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f"{identifier}.partial.npy"
+    np.save(partial, np.ascontiguousarray(seg, dtype=np.int16))
+    partial.replace(folder / f"{identifier}{PSEUDO_LABEL_SUFFIX}")
+
+
+def pseudo_labelled_ids(folder: Path) -> set[str]:
+    return {
+        p.name[: -len(PSEUDO_LABEL_SUFFIX)] for p in folder.glob(f"*{PSEUDO_LABEL_SUFFIX}") if ".partial" not in p.name
+    }
+
+
+class PseudoLabelledDataset(UnlabeledDataset):
+    """Unlabelled images with the fixed pseudo-labels of ``label_folder`` as their segmentation (offline
+    self-training): nnU-Net's loader then crops and augments image and pseudo-label together, like a labelled case."""
+
+    def __init__(self, folder: str, identifiers: list[str], label_folder: Path):
+        super().__init__(folder, identifiers)
+        self.label_folder = label_folder
+
+    def load_case(self, identifier: str):
+        data, _, _, properties = super().load_case(identifier)
+        seg = np.load(self.label_folder / f"{identifier}{PSEUDO_LABEL_SUFFIX}", mmap_mode="r")
+        return data, seg, None, properties
+
+
 RandomState = tuple[Any, dict[str, Any], torch.Tensor]
 
 
@@ -109,14 +140,20 @@ def make_unlabeled_loader(
     transforms: Any,
     pin_memory: bool,
     seed: int,
+    pseudo_label_folder: Path | None = None,
 ) -> NonDetMultiThreadedAugmenter | OwnRandomStream:
     """A fresh loader over exactly ``identifiers``: rebuilt after each filter round so its workers see the new pool.
 
     ``seed`` seeds the single-process stream (``nnUNet_n_proc_DA=0``); nnU-Net's worker processes seed themselves.
+    With ``pseudo_label_folder`` the batches carry those fixed pseudo-labels as their targets.
     """
     if not identifiers:
         raise ValueError("the unlabelled pool is empty")
-    dataset = UnlabeledDataset(str(folder), sorted(identifiers))
+    dataset = (
+        UnlabeledDataset(str(folder), sorted(identifiers))
+        if pseudo_label_folder is None
+        else PseudoLabelledDataset(str(folder), sorted(identifiers), pseudo_label_folder)
+    )
     loader = nnUNetDataLoader(
         dataset,
         batch_size,

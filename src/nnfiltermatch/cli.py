@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from nnfiltermatch import __version__
 from nnfiltermatch.config import MODES, PRESETS, SCORES, SCORINGS, TEACHERS, UNSUP_LOSSES
@@ -15,6 +16,61 @@ def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _Parser(argparse.ArgumentParser):
+    """No prefix matching, here and in every sub-parser (``add_subparsers`` makes them of this class).
+
+    With abbreviations nnU-Net habits turn into silent surprises: ``--val`` would be ``--val-iters-per-epoch``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+class _UseInstead(argparse.Action):
+    """A flag that means something else here: fail naming the right one, so an old habit is not silently obeyed."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, instead: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.instead = instead
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        raise argparse.ArgumentError(self, self.instead)
+
+
+CHECKPOINT_FILES: dict[str, str] = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
+
+
+def _checkpoint(value: str) -> str:
+    """``final``/``best``, or nnU-Net's ``-chk`` name for them: one option, both spellings, a clear error otherwise."""
+    for name, file_name in CHECKPOINT_FILES.items():
+        if value in (name, file_name):
+            return name
+    allowed = ", ".join([*CHECKPOINT_FILES, *CHECKPOINT_FILES.values()])
+    raise argparse.ArgumentTypeError(f"invalid checkpoint {value!r}: give one of {allowed}")
+
+
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        "-chk",
+        type=_checkpoint,
+        default="final",
+        metavar="{final,best}",
+        help="checkpoint_final.pth (default) or checkpoint_best.pth; -chk takes nnU-Net's file names",
+    )
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", "-device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +123,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default="default",
         help="paper: the reference schedule (300x250, tau 0, sum score, filter at 100 and 200)",
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    _add_device(p)
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--deterministic",
@@ -77,13 +133,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "deterministic cuDNN; the same seed then gives the same model on CPU, and an ssl run whose pseudo-labels "
         "never start gives its supervised twin's",
     )
-    p.add_argument("--continue", dest="continue_training", action="store_true", help="resume from the last checkpoint")
+    p.add_argument(
+        "--continue", "--c", dest="continue_training", action="store_true", help="resume from the last checkpoint"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a finished or interrupted run")
     p.add_argument("--no-final-validation", action="store_true", help="skip nnU-Net's validation after training")
     d = p.add_argument_group("multi-process training (DDP)")
     d.add_argument(
         "--num-gpus",
         "--num-processes",
+        "-num_gpus",
         dest="num_processes",
         type=int,
         default=1,
@@ -154,11 +213,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="Dice, Jaccard, HD95, ASD, ASSD per case and class")
     p.add_argument("-r", "--ref", required=True, type=Path, help="folder of reference label maps")
-    p.add_argument("-p", "--pred", required=True, type=Path, help="folder of predicted label maps")
+    p.add_argument("--pred", "--predictions", required=True, type=Path, help="folder of predicted label maps")
+    p.add_argument(
+        "-p",
+        action=_UseInstead,
+        instead="give the prediction folder with --pred (or --predictions); -p names the plans in the other commands",
+    )
     p.add_argument("-o", "--output", type=Path, help="summary JSON (a CSV is written beside it)")
-    p.add_argument("--labels", type=int, nargs="+", help="labels to evaluate (default: all in the references)")
+    p.add_argument("--labels", "-l", type=int, nargs="+", help="labels to evaluate (default: all in the references)")
     p.add_argument("--units", choices=("voxel", "mm"), default="voxel")
-    p.add_argument("--allow-missing", action="store_true", help="report missing predictions instead of failing")
+    p.add_argument(
+        "--allow-missing", "--chill", action="store_true", help="report missing predictions instead of failing"
+    )
     p.add_argument("--file-ending", default=".nii.gz")
 
 
@@ -177,11 +243,21 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
     p.add_argument("-p", "--plans", default=None, help="plans name (default nnUNetPlans)")
     p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble, e.g. -f 0 1 2 or -f all (default: found)")
-    p.add_argument("--checkpoint", choices=("final", "best"), default="final")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    p.add_argument("--no-mirroring", dest="mirroring", action="store_false", help="no mirroring test-time aug.")
-    p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, fraction of the patch")
-    p.add_argument("--save-probabilities", action="store_true", help="also write softmax .npz + .pkl (nnU-Net's)")
+    _add_checkpoint(p)
+    _add_device(p)
+    p.add_argument(
+        "--no-mirroring", "--disable_tta", dest="mirroring", action="store_false", help="no mirroring test-time aug."
+    )
+    p.add_argument(
+        "--step-size", "-step_size", type=float, default=0.5, help="sliding-window step, fraction of the patch"
+    )
+    p.add_argument(
+        "--save-probabilities",
+        "--save_probabilities",
+        "--npz",
+        action="store_true",
+        help="also write softmax .npz + .pkl (nnU-Net's)",
+    )
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -395,7 +471,7 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
     p.add_argument("-p", "--plans", default=None, help="plans name (default nnUNetPlans)")
     p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: found); reuse needs one fold")
-    p.add_argument("--checkpoint", choices=("final", "best"), default="final")
+    _add_checkpoint(p)
     p.add_argument("-n", "--top", type=int, help="list only the N most uncertain cases")
     p.add_argument("--score", choices=SCORE_TYPES, default="entropy", help="voxel uncertainty (default entropy)")
     p.add_argument("--reduce", choices=REDUCTIONS, default="mean", help="per-case reduction (default mean)")
@@ -414,7 +490,7 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--png-top", type=int, default=DEFAULT_PNG_TOP, help=f"PNGs for the N top cases (default {DEFAULT_PNG_TOP})"
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    _add_device(p)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -480,7 +556,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quick", action="store_true", help="a short schedule for a first look (about 3 minutes on 2 cores)"
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    _add_device(p)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -505,7 +581,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nnfiltermatch",
         description="Semi-supervised nnU-Net training with entropy filtering of the unlabelled pool (nnFilterMatch).",
     )

@@ -492,8 +492,8 @@ def build_report(
                 "evaluation",
                 "Per-case evaluation",
                 "<p>No evaluation summary found: predict a labelled test set and run <code>nnfiltermatch evaluate -r "
-                "labelsTs -p predictions -o summary.json</code>, then pass <code>--evaluation summary.json</code> (or "
-                "save it in the model folder).</p>",
+                "labelsTs --pred predictions -o summary.json</code>, then pass <code>--evaluation summary.json</code> "
+                "(or save it in the model folder).</p>",
             )
         )
 

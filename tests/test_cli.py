@@ -1,0 +1,154 @@
+"""The command line as nnU-Net v2 users type it: its spellings are aliases, prefixes are never guessed.
+
+Only argument parsing: no training, no dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from nnfiltermatch.cli import CHECKPOINT_FILES, build_parser
+
+TRAIN = ["train", "-d", "4", "-c", "3d_fullres", "-f", "0"]
+PREDICT = ["predict", "-i", "in", "-o", "out", "-m", "model"]
+QUERY = ["query", "-m", "model"]
+EVALUATE = ["evaluate", "-r", "ref", "--pred", "pred"]
+DEMO = ["demo"]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(list(argv))
+
+
+def parse_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """The message of a parse that must fail (argparse exits with 2)."""
+    with pytest.raises(SystemExit) as info:
+        parse(*argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found.extend(all_parsers(sub))
+    return found
+
+
+# (base command, our spelling, nnU-Net's spelling, the attribute both set)
+ALIASES = [
+    (TRAIN, ["--continue"], ["--c"], "continue_training"),
+    (TRAIN, ["--device", "cpu"], ["-device", "cpu"], "device"),
+    (TRAIN, ["--num-gpus", "2"], ["-num_gpus", "2"], "num_processes"),
+    (PREDICT, ["--save-probabilities"], ["--npz"], "save_probabilities"),
+    (PREDICT, ["--save-probabilities"], ["--save_probabilities"], "save_probabilities"),
+    (PREDICT, ["--no-mirroring"], ["--disable_tta"], "mirroring"),
+    (PREDICT, ["--device", "cpu"], ["-device", "cpu"], "device"),
+    (PREDICT, ["--step-size", "0.75"], ["-step_size", "0.75"], "step_size"),
+    (PREDICT, ["--checkpoint", "best"], ["-chk", "checkpoint_best.pth"], "checkpoint"),
+    (QUERY, ["--checkpoint", "best"], ["-chk", "checkpoint_best.pth"], "checkpoint"),
+    (QUERY, ["--device", "cpu"], ["-device", "cpu"], "device"),
+    (DEMO, ["--device", "cpu"], ["-device", "cpu"], "device"),
+    (EVALUATE, ["--labels", "1", "2"], ["-l", "1", "2"], "labels"),
+    (EVALUATE, ["--allow-missing"], ["--chill"], "allow_missing"),
+]
+
+
+@pytest.mark.parametrize(
+    ("base", "ours", "nnunet", "attribute"), ALIASES, ids=lambda v: " ".join(v) if isinstance(v, list) else v
+)
+def test_nnunet_spelling_parses_like_ours(base: list[str], ours: list[str], nnunet: list[str], attribute: str) -> None:
+    ours_args, nnunet_args = parse(*base, *ours), parse(*base, *nnunet)
+    assert nnunet_args == ours_args  # the whole Namespace, not only the one attribute
+    assert getattr(ours_args, attribute) != getattr(parse(*base), attribute)  # and the flag did something
+
+
+def test_chk_final_is_the_default_checkpoint() -> None:
+    for base in (PREDICT, QUERY):
+        assert parse(*base).checkpoint == "final"
+        assert parse(*base, "-chk", "checkpoint_final.pth").checkpoint == "final"
+        assert parse(*base, "--checkpoint", "final").checkpoint == "final"
+
+
+def test_checkpoint_names_match_the_files_inference_loads() -> None:
+    from nnfiltermatch.inference import CHECKPOINTS
+
+    assert CHECKPOINT_FILES == CHECKPOINTS
+
+
+def test_device_alias_does_not_swallow_dash_d() -> None:
+    """``-device`` is a flag of its own, not ``-d evice``; ``-d`` keeps working next to it."""
+    args = parse("train", "-d", "4", "-device", "cpu", "-c", "3d_fullres", "-f", "0")
+    assert (args.dataset, args.device) == ("4", "cpu")
+
+
+def test_evaluate_predictions_spellings() -> None:
+    assert (
+        parse("evaluate", "-r", "ref", "--pred", "p").pred == parse("evaluate", "-r", "ref", "--predictions", "p").pred
+    )
+
+
+@pytest.mark.parametrize("flag", [["-p", "pred"], ["-ppred"], ["-p"]])
+def test_evaluate_dash_p_fails_naming_pred(capsys: pytest.CaptureFixture[str], flag: list[str]) -> None:
+    """``-p`` is the plans everywhere else: in evaluate an old habit must fail loudly, saying what to use."""
+    err = parse_error(capsys, "evaluate", "-r", "ref", *flag)
+    assert "argument -p" in err and "--pred" in err and "--predictions" in err
+
+
+@pytest.mark.parametrize("base", [PREDICT, QUERY], ids=["predict", "query"])
+@pytest.mark.parametrize("value", ["checkpoint_foo.pth", "checkpoint_latest.pth", "latest"])
+def test_unknown_checkpoint_names_the_allowed_values(
+    capsys: pytest.CaptureFixture[str], base: list[str], value: str
+) -> None:
+    err = parse_error(capsys, *base, "-chk", value)
+    assert repr(value) in err
+    for allowed in ("final", "best", "checkpoint_final.pth", "checkpoint_best.pth"):
+        assert allowed in err
+
+
+def test_every_parser_refuses_abbreviations() -> None:
+    parsers = all_parsers(build_parser())
+    assert len(parsers) == 11  # the top level, 8 commands, convert's 2 formats
+    assert all(not p.allow_abbrev for p in parsers)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [*TRAIN, "--val-iters", "5"],  # was --val-iters-per-epoch
+        [*TRAIN, "--val", "5"],
+        [*TRAIN, "--iters", "5"],
+        [*TRAIN, "--epoch", "3"],
+        [*TRAIN, "--cont"],
+        [*TRAIN, "--no-final"],
+        [*PREDICT, "--save-prob"],
+        [*PREDICT, "--no-mirror"],
+        [*QUERY, "--reuse", "never"],
+        ["prepare", "-d", "4", "--labeled", "0.1"],  # was ambiguous; now simply unknown
+        ["--vers"],
+    ],
+    ids=" ".join,
+)
+def test_prefixes_are_rejected_not_guessed(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    err = parse_error(capsys, *argv)
+    assert "unrecognized arguments" in err or "the following arguments are required" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [*TRAIN, "--val"],  # nnU-Net: validation only; no equivalent here
+        [*TRAIN, "--npz"],  # nnU-Net: save the final validation's softmax; no equivalent here
+        [*PREDICT, "--c"],  # nnU-Net: --continue_prediction; predict cannot resume
+        [*PREDICT, "--continue_prediction"],
+        [*PREDICT, "-npp", "2"],  # nnU-Net's process counts; predict has none
+        [*PREDICT, "-nps", "2"],
+    ],
+    ids=" ".join,
+)
+def test_nnunet_flags_without_an_equivalent_fail(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    assert "unrecognized arguments" in parse_error(capsys, *argv)

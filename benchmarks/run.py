@@ -411,8 +411,8 @@ def run_experiment(
     """Train every mode and seed, evaluate on ``split`` (``test`` also evaluates the validation cases, if any)."""
     from nnfiltermatch.config import TrainConfig
     from nnfiltermatch.inference import load_checkpoint_safely
-    from nnfiltermatch.trainer import STATE_KEY
-    from nnfiltermatch.training import train
+    from nnfiltermatch.trainer import STATE_KEY, TRAINERS
+    from nnfiltermatch.training import TrainResult, finished_with, output_folder_for, train
 
     _use_folders(exp)
     configuration = configuration_for(exp, profile)
@@ -447,11 +447,22 @@ def run_experiment(
                 runs.append(kept)
                 continue
             print(f"[benchmark] {exp.dataset_key} {exp.labeled_key} {profile.name}: {mode} seed {seed}", flush=True)
-            t0 = time.time()
-            trained = train(
-                exp.dataset_name, configuration, "all", config, device, overwrite=True, final_validation=False
+            folder = output_folder_for(
+                exp.dataset_name, TRAINERS[config.mode].__name__, prepared.plans_name, configuration, "all"
             )
-            train_seconds = time.time() - t0
+            if config.deterministic and finished_with(folder, config):
+                # the same deterministic computation finished already (e.g. a learning-curve run that did not read
+                # the test cases): reuse the model, with the training time its log recorded
+                trained = TrainResult(folder, folder / "checkpoint_final.pth")
+                logged = load_checkpoint_safely(trained.final_checkpoint)["logging"]
+                train_seconds = logged["epoch_end_timestamps"][-1] - logged["epoch_start_timestamps"][0]
+                print(f"[benchmark] reusing the finished identical run in {folder}", flush=True)
+            else:
+                t0 = time.time()
+                trained = train(
+                    exp.dataset_name, configuration, "all", config, device, overwrite=True, final_validation=False
+                )
+                train_seconds = time.time() - t0
             if trained.supervised_stage_reused:  # selftrain's stage 1 is the supervised run: count its time too
                 train_seconds += next(
                     (r["train_seconds"] for r in runs if r["mode"] == "supervised" and r["seed"] == seed), 0.0

@@ -167,8 +167,9 @@ def selftrain_stages(config: TrainConfig) -> tuple[TrainConfig, TrainConfig]:
     return supervised, stage2
 
 
-def _finished_with(out: Path, config: TrainConfig) -> bool:
-    """A finished run in ``out`` trained with exactly ``config`` (bookkeeping aside)."""
+def finished_with(out: Path, config: TrainConfig) -> bool:
+    """A finished run in ``out`` trained with exactly ``config`` (bookkeeping aside): with a deterministic
+    configuration it is the model that training again would give, so it can be reused."""
     stored = out / CONFIG_FILENAME
     if not (out / "checkpoint_final.pth").is_file() or not stored.is_file():
         return False
@@ -203,7 +204,7 @@ def _self_train(
     if supervised.labeled_fraction is None:
         supervised.labeled_fraction = prepared.labeled_fraction
     sup_out = output_folder_for(dataset_name, TRAINERS["supervised"].__name__, prepared.plans_name, configuration, fold)
-    reused = _finished_with(sup_out, supervised)
+    reused = finished_with(sup_out, supervised)
     if not reused and (sup_out / "checkpoint_final.pth").is_file() and not (overwrite or continue_training):
         raise PreparationError(
             f"selftrain: its stage 1 is the supervised run with the same options, but {sup_out} holds a supervised "

@@ -71,13 +71,13 @@ PROFILES = {
         seeds=(0, 1, 2),
         extra={"deterministic": True},
     ),
-    # the schedule chosen by the supervised learning curve (BENCHMARKS.md s.0): 10,000 iterations of 3d_fullres_cpu,
-    # with 20 validation cases held out of the Hippocampus training pool for choosing defaults
+    # from the supervised learning curve (BENCHMARKS.md s.0, benchmarks/learning_curve.sh): 20,000 iterations of
+    # 3d_fullres_cpu, with 20 validation cases held out of the Hippocampus training pool for choosing defaults
     "cpu-long": Profile(
         "cpu-long",
         "3d_fullres_cpu",
         "2d_cpu",
-        epochs=100,
+        epochs=200,
         iters_per_epoch=100,
         val_iters_per_epoch=5,
         seeds=(0, 1, 2),

@@ -328,7 +328,8 @@ def test_selftrain_trains_on_the_supervised_models_pseudo_labels(
     import numpy as np
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    config = resolve_config({**SHORT, "mode": "selftrain"})
+    # a seed no other test trains with, so no finished supervised run of these options exists yet
+    config = resolve_config({**SHORT, "mode": "selftrain", "seed": 11})
     batches: list[tuple[str, int, int]] = []  # (trainer, rows nnU-Net's step trains on, labelled batch size)
     original = nnUNetTrainer.train_step
 
@@ -366,7 +367,7 @@ def test_selftrain_trains_on_the_supervised_models_pseudo_labels(
     assert again.supervised_stage_reused
     assert (result.supervised_stage / "checkpoint_final.pth").stat().st_mtime == stage1_mtime
     # a supervised run with other options is not replaced unless asked
-    other = resolve_config({**SHORT, "mode": "selftrain", "lr": 5e-3})
+    other = resolve_config({**SHORT, "mode": "selftrain", "seed": 11, "lr": 5e-3})
     with pytest.raises(PreparationError, match="pass --overwrite to replace it"):
         train(DATASET, CONFIG, "all", other, "cpu", final_validation=False)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The supervised learning curve that chose the cpu-long schedule (BENCHMARKS.md s.0): Hippocampus 10%, 3d_fullres_cpu,
 # evaluated on the 20 validation cases held out of the training pool (the test cases are not read).
-# Each schedule is its own resumable run.py folder: results/hippocampus/cpu-long_<E>x100/10pct_validation/.
+# Each schedule is its own resumable run.py folder: results/hippocampus/cpu-long_<E>x100/10pct_validation/;
+# then .venv/bin/python benchmarks/learning_curve.py tabulates and plots them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS="${SEEDS:-0}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,20 @@ import torch
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig
 from nnfiltermatch.preparation import PreparationError, PreparedDataset, env_folder, load_prepared, preprocessed_root
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a training runs, as opposed to what it learns (``TrainConfig``): device, resume, processes."""
+
+    device: str
+    torch_device: torch.device
+    continue_training: bool
+    overwrite: bool
+    final_validation: bool
+    explicit_options: frozenset[str]
+    num_processes: int
+    backend: str | None
 
 
 @dataclass
@@ -119,36 +133,18 @@ def train(
     """
     torch_device = configure_runtime(device)  # before nnU-Net's configuration module reads the variables
     owns_group = _check_and_join_group(device, num_processes, backend)
+    run = RunOptions(
+        device,
+        torch_device,
+        continue_training,
+        overwrite,
+        final_validation,
+        frozenset(explicit_options or ()),
+        num_processes,
+        backend,
+    )
     try:
-        if config.mode == "selftrain":
-            return _self_train(
-                dataset_name,
-                configuration,
-                fold,
-                config,
-                device,
-                torch_device,
-                continue_training,
-                overwrite,
-                final_validation,
-                explicit_options,
-                num_processes,
-                backend,
-            )
-        return _train(
-            dataset_name,
-            configuration,
-            fold,
-            config,
-            device,
-            torch_device,
-            continue_training,
-            overwrite,
-            final_validation,
-            explicit_options,
-            num_processes,
-            backend,
-        )
+        return (_self_train if config.mode == "selftrain" else _train)(dataset_name, configuration, fold, config, run)
     finally:
         if owns_group:
             distributed.destroy()
@@ -186,14 +182,7 @@ def _self_train(
     configuration: str,
     fold: int | str,
     config: TrainConfig,
-    device: str,
-    torch_device: torch.device,
-    continue_training: bool,
-    overwrite: bool,
-    final_validation: bool,
-    explicit_options: set[str] | None,
-    num_processes: int,
-    backend: str | None,
+    run: RunOptions,
 ) -> TrainResult:
     """``--mode selftrain``: the supervised run (reused when a finished one has the same options), then stage 2."""
     from nnfiltermatch.trainer import TRAINERS
@@ -205,7 +194,7 @@ def _self_train(
         supervised.labeled_fraction = prepared.labeled_fraction
     sup_out = output_folder_for(dataset_name, TRAINERS["supervised"].__name__, prepared.plans_name, configuration, fold)
     reused = finished_with(sup_out, supervised)
-    if not reused and (sup_out / "checkpoint_final.pth").is_file() and not (overwrite or continue_training):
+    if not reused and (sup_out / "checkpoint_final.pth").is_file() and not (run.overwrite or run.continue_training):
         raise PreparationError(
             f"selftrain: its stage 1 is the supervised run with the same options, but {sup_out} holds a supervised "
             f"run with other options ({sup_out / CONFIG_FILENAME}): pass --overwrite to replace it, or give selftrain "
@@ -215,36 +204,17 @@ def _self_train(
         print(f"selftrain: stage 1 is the finished supervised run in {sup_out} (same options)")
     else:
         print(f"selftrain: stage 1, the supervised run, into {sup_out}")
+        resume = run.continue_training and (sup_out / "checkpoint_latest.pth").is_file()
         _train(
             dataset_name,
             configuration,
             fold,
             supervised,
-            device,
-            torch_device,
-            continue_training and (sup_out / "checkpoint_latest.pth").is_file(),
-            overwrite,
-            False,
-            explicit_options,
-            num_processes,
-            backend,
+            replace(run, continue_training=resume, final_validation=False),
         )
     stage2.extra["selftrain_from"] = str(sup_out / "checkpoint_final.pth")
     print(f"selftrain: stage 2, {stage2.epochs} x {stage2.iters_per_epoch} iterations on labelled + pseudo-labelled")
-    result = _train(
-        dataset_name,
-        configuration,
-        fold,
-        stage2,
-        device,
-        torch_device,
-        continue_training,
-        overwrite,
-        final_validation,
-        explicit_options,
-        num_processes,
-        backend,
-    )
+    result = _train(dataset_name, configuration, fold, stage2, run)
     result.supervised_stage, result.supervised_stage_reused = sup_out, reused
     return result
 
@@ -279,14 +249,7 @@ def _train(
     configuration: str,
     fold: int | str,
     config: TrainConfig,
-    device: str,
-    torch_device: torch.device,
-    continue_training: bool,
-    overwrite: bool,
-    final_validation: bool,
-    explicit_options: set[str] | None,
-    num_processes: int,
-    backend: str | None,
+    run: RunOptions,
 ) -> TrainResult:
     from nnfiltermatch.trainer import TRAINERS
 
@@ -312,11 +275,11 @@ def _train(
     trainer_class = TRAINERS[config.mode]
     out = output_folder_for(dataset_name, trainer_class.__name__, prepared.plans_name, configuration, fold)
     existing = [name for name in ("checkpoint_final.pth", "checkpoint_latest.pth") if (out / name).exists()]
-    if existing and not (continue_training or overwrite):
+    if existing and not (run.continue_training or run.overwrite):
         raise PreparationError(
             f"{out} already holds {', '.join(existing)}: pass --continue to resume it or --overwrite to start again"
         )
-    if overwrite and not continue_training and out.exists() and distributed.rank() == 0:
+    if run.overwrite and not run.continue_training and out.exists() and distributed.rank() == 0:
         for child in out.iterdir():
             if child.is_file() and (
                 child.suffix in (".pth", ".png", ".json", ".txt") or child.name.endswith(".partial")
@@ -330,12 +293,10 @@ def _train(
     distributed.barrier()  # under torchrun: no rank starts before rank 0 has cleared the folder
 
     stored_config = out / CONFIG_FILENAME
-    if continue_training and stored_config.is_file():
+    if run.continue_training and stored_config.is_file():
         stored = TrainConfig.from_dict(json.loads(stored_config.read_text()))
         changed = sorted(
-            name
-            for name in (explicit_options or set()) - {"epochs", "seed"}
-            if getattr(config, name) != getattr(stored, name)
+            name for name in run.explicit_options - {"epochs", "seed"} if getattr(config, name) != getattr(stored, name)
         )
         if changed:
             raise PreparationError(
@@ -346,19 +307,31 @@ def _train(
                 )
                 + ". Only --epochs may change, to extend the run."
             )
-        stored.epochs = config.epochs if "epochs" in (explicit_options or set()) else stored.epochs
+        stored.epochs = config.epochs if "epochs" in run.explicit_options else stored.epochs
         stored.validate()
         config = stored
 
     result = TrainResult(output_folder=out, final_checkpoint=out / "checkpoint_final.pth")
-    if num_processes > 1 and not distributed.is_distributed():
+    if run.num_processes > 1 and not distributed.is_distributed():
         distributed.spawn(
-            num_processes,
+            run.num_processes,
             _spawned_worker,
-            (dataset_name, configuration, fold, config, device, backend, continue_training, out, final_validation),
+            (
+                dataset_name,
+                configuration,
+                fold,
+                config,
+                run.device,
+                run.backend,
+                run.continue_training,
+                out,
+                run.final_validation,
+            ),
         )
         return result
-    _run_trainer(dataset_name, configuration, fold, config, torch_device, continue_training, out, final_validation)
+    _run_trainer(
+        dataset_name, configuration, fold, config, run.torch_device, run.continue_training, out, run.final_validation
+    )
     return result
 
 

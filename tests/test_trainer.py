@@ -394,3 +394,16 @@ def test_pseudo_labelled_stream_carries_its_fixed_labels(prepared: Path, tmp_pat
     plain = next(trainer._build_unlabeled_loader())
     plain_target = plain["target"][0] if isinstance(plain["target"], list) else plain["target"]
     assert not (plain_target == 2).any()
+
+
+def test_selftrain_stages_match_one_ssl_run_in_compute() -> None:
+    """Stage 1 is exactly the supervised run of the same options (so a finished one is reused); stage 2 trains half
+    the iterations on a doubled batch, so the two cost what one ssl run costs."""
+    from nnfiltermatch.training import selftrain_stages
+
+    config = resolve_config({"mode": "selftrain", "epochs": 10, "iters_per_epoch": 7, "seed": 3, "lr": 5e-3})
+    supervised, stage2 = selftrain_stages(config)
+    expected = resolve_config({"mode": "supervised", "epochs": 10, "iters_per_epoch": 7, "seed": 3, "lr": 5e-3})
+    assert supervised.to_dict() == expected.to_dict()
+    assert stage2.mode == "selftrain" and stage2.iters_per_epoch == 4 and stage2.epochs == 10
+    assert config.iters_per_epoch == 7  # the caller's configuration is left alone

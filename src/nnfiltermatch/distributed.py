@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -96,6 +97,25 @@ def init_from_env(device: str, backend: str | None = None) -> bool:
 def destroy() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+@contextmanager
+def leaving_group(owns_group: bool) -> Iterator[None]:
+    """Leave the process group this process joined when the block ends.
+
+    On success every rank first waits for the others: a rank that tears gloo down while its peer still has work in
+    flight can abort at exit (SIGABRT, "terminate called without an active exception"). On an error it leaves at
+    once, since a barrier would wait for a peer that may never arrive.
+    """
+    try:
+        yield
+    except BaseException:
+        if owns_group:
+            destroy()
+        raise
+    if owns_group:
+        barrier()
+        destroy()
 
 
 def free_port() -> int:

@@ -143,11 +143,8 @@ def train(
         num_processes,
         backend,
     )
-    try:
+    with distributed.leaving_group(owns_group):
         return (_self_train if config.mode == "selftrain" else _train)(dataset_name, configuration, fold, config, run)
-    finally:
-        if owns_group:
-            distributed.destroy()
 
 
 def selftrain_stages(config: TrainConfig) -> tuple[TrainConfig, TrainConfig]:
@@ -349,11 +346,8 @@ def _spawned_worker(
     """One process of a ``--num-gpus N`` run: the parent checked and cleared the folder; join the group and train."""
     torch_device = configure_runtime(device)
     owns_group = distributed.init_from_env(device, backend)
-    try:
+    with distributed.leaving_group(owns_group):
         _run_trainer(dataset_name, configuration, fold, config, torch_device, continue_training, out, final_validation)
-    finally:
-        if owns_group:
-            distributed.destroy()
 
 
 def _run_trainer(

@@ -146,6 +146,37 @@ def _link_case(src_image: Path, src_label: Path, images: Path, labels: Path, cas
     (labels / f"{case}.nii.gz").symlink_to(src_label.resolve())
 
 
+def _write_split_dataset(
+    raw: Path,
+    splits: dict[str, list[str]],
+    source_of: Callable[[str], tuple[Path, Path]],
+    dataset_json: dict[str, Any],
+) -> None:
+    """Write the raw dataset ``raw`` once: ``images<Split>/labels<Split>`` of links to ``source_of(case)``.
+
+    Built under a temporary name and renamed, so an interrupted set-up is redone rather than used half-made.
+    """
+    if raw.is_dir():
+        return
+    partial = raw.with_name(raw.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for suffix, cases in splits.items():
+        (partial / f"images{suffix}").mkdir(parents=True)
+        (partial / f"labels{suffix}").mkdir(parents=True)
+        for case in cases:
+            image, label = source_of(case)
+            _link_case(image, label, partial / f"images{suffix}", partial / f"labels{suffix}", case)
+    words = {"Ts": "test", "Val": "validation"}
+    held_out = ", ".join(f"{len(v)} {words.get(k, k)}" for k, v in splits.items() if k != "Tr" and v)
+    dataset_json = {
+        **dataset_json,
+        "numTraining": len(splits["Tr"]),
+        "description": f"{dataset_json.get('description', '')}; benchmark split: {held_out} held out",
+    }
+    (partial / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+    partial.rename(raw)
+
+
 HIPPOCAMPUS_FRACTIONS = {"10pct": 0.1, "5pct": 0.05, "all": 1.0}
 
 
@@ -176,29 +207,12 @@ def setup_hippocampus(
         else []
     )
     train = [i for i in pool if i not in validation]
-    if not raw.is_dir():
-        partial = raw_root / (name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        splits = {"Tr": train, "Ts": test, "Val": validation}
-        for suffix, cases in splits.items():
-            (partial / f"images{suffix}").mkdir(parents=True)
-            (partial / f"labels{suffix}").mkdir(parents=True)
-            for case in cases:
-                _link_case(
-                    src / "imagesTr" / f"{case}_0000.nii.gz",
-                    src / "labelsTr" / f"{case}.nii.gz",
-                    partial / f"images{suffix}",
-                    partial / f"labels{suffix}",
-                    case,
-                )
-        dataset_json = json.loads((src / "dataset.json").read_text())
-        dataset_json["numTraining"] = len(train)
-        dataset_json["description"] = (
-            f"{dataset_json.get('description', '')}; benchmark split: {len(test)} test, {len(validation)} validation "
-            "held out"
-        )
-        (partial / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
-        partial.rename(raw)
+    _write_split_dataset(
+        raw,
+        {"Tr": train, "Ts": test, "Val": validation},
+        lambda case: (src / "imagesTr" / f"{case}_0000.nii.gz", src / "labelsTr" / f"{case}.nii.gz"),
+        json.loads((src / "dataset.json").read_text()),
+    )
     fraction = HIPPOCAMPUS_FRACTIONS[labeled_key]
     labeled_list = base / f"labeled_{labeled_key}.txt"
     write_labeled_list(
@@ -232,8 +246,13 @@ def _convert_once(folder: Path, name: str, convert: Callable[[Path], object]) ->
     return raw_root, raw_root / name
 
 
-def setup_acdc(shared: Path, work: Path, labeled_key: str) -> Experiment:
-    """ACDC from the SSL4MIS layout; test = the validation volumes (the test patients are not in shared/)."""
+def setup_acdc(shared: Path, work: Path, labeled_key: str, validation_cases: int = 0) -> Experiment:
+    """ACDC from the SSL4MIS layout; test = the 20 validation volumes (the test patients are not in shared/).
+
+    ``validation_cases`` > 0 holds that many volumes (both frames of ``validation_cases // 2`` patients drawn with
+    seed 1 among the unlabelled training patients of either protocol) out of training entirely, as their own dataset
+    (908), to choose schedules and defaults on without reading the test volumes.
+    """
     from nnfiltermatch.converters import convert_acdc_h5
 
     name = "Dataset905_ACDCBench"
@@ -243,19 +262,51 @@ def setup_acdc(shared: Path, work: Path, labeled_key: str) -> Experiment:
     labeled_list = raw / f"labeled_{labeled_key}.txt"
     if not labeled_list.is_file():
         sys.exit(f"--labeled for acdc: 3 or 7 (no {labeled_list})")
+    validation_images = validation_labels = None
+    base = work / "acdc"
+    if validation_cases:
+        frames = sorted(p.name[: -len("_0000.nii.gz")] for p in (raw / "imagesTr").glob("*_0000.nii.gz"))
+        labelled_patients = {case.split("_")[0] for case in _read_list(raw / "labeled_7.txt")}  # 7 contains 3
+        patients = sorted({f.split("_")[0] for f in frames} - labelled_patients)
+        held = set(np.random.default_rng(1).choice(patients, size=validation_cases // 2, replace=False).tolist())
+        validation = [f for f in frames if f.split("_")[0] in held]
+        tests = sorted(p.name[: -len("_0000.nii.gz")] for p in (raw / "imagesTs").glob("*_0000.nii.gz"))
+        source = {f: (raw / "imagesTr" / f"{f}_0000.nii.gz", raw / "labelsTr" / f"{f}.nii.gz") for f in frames}
+        source |= {f: (raw / "imagesTs" / f"{f}_0000.nii.gz", raw / "labelsTs" / f"{f}.nii.gz") for f in tests}
+        name = "Dataset908_ACDCBenchVal"
+        base = work / "acdc_val"
+        raw_root = base / "nnUNet_raw"
+        split_raw = raw_root / name
+        _write_split_dataset(
+            split_raw,
+            {"Tr": [f for f in frames if f not in validation], "Ts": tests, "Val": validation},
+            source.__getitem__,
+            json.loads((raw / "dataset.json").read_text()),
+        )
+        shutil.copyfile(labeled_list, base / labeled_list.name)
+        labeled_list = base / labeled_list.name
+        raw = split_raw
+        validation_images, validation_labels = raw / "imagesVal", raw / "labelsVal"
     return Experiment(
         "acdc",
         name,
         labeled_key,
         labeled_list,
         "2d",
-        work / "acdc" / labeled_key,
+        base / labeled_key,
         raw_root,
         raw / "imagesTs",
         raw / "labelsTs",
         [1, 2, 3],
         {1: "RV", 2: "Myo", 3: "LV"},
+        validation_images,
+        validation_labels,
     )
+
+
+def _read_list(path: Path) -> list[str]:
+    """Case IDs of a labelled-cases list (one per line, ``#`` comments)."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
 def setup_la(shared: Path, work: Path, labeled_key: str) -> Experiment:
@@ -269,7 +320,7 @@ def setup_la(shared: Path, work: Path, labeled_key: str) -> Experiment:
     labeled_list = raw / f"labeled_{labeled_key}.txt"
     test_images, test_labels = raw / "imagesTs", raw / "labelsTs"
     if not test_images.is_dir():  # transductive evaluation on the unlabelled training cases, said in the table
-        labeled = {line.strip() for line in labeled_list.read_text().splitlines() if line and line[0] != "#"}
+        labeled = set(_read_list(labeled_list))
         test_images, test_labels = work / "la" / "eval_images", work / "la" / "eval_labels"
         if not test_images.is_dir():
             test_images.mkdir(parents=True)
@@ -732,8 +783,8 @@ def main() -> None:
         profile = Profile(**{**asdict(profile), "epochs": args.epochs})
     if args.iters_per_epoch:
         profile = Profile(**{**asdict(profile), "iters_per_epoch": args.iters_per_epoch})
-    if profile.validation_cases and args.dataset != "hippocampus":
-        sys.exit(f"profile {profile.name} holds out validation cases, so far for hippocampus only")
+    if profile.validation_cases and args.dataset == "la":
+        sys.exit(f"profile {profile.name} holds out validation cases: LA's 16 shared cases have none to spare")
     setup_options = {"validation_cases": profile.validation_cases} if profile.validation_cases else {}
     exp = SETUPS[args.dataset](_shared(args), args.work.resolve(), args.labeled, **setup_options)
     if args.split == "validation" and exp.validation_images is None:

@@ -30,6 +30,7 @@ from nnfiltermatch.metrics import (
     evaluate_folders,
     hd95,
     jaccard,
+    normalized_surface_dice,
     surface_distances,
 )
 
@@ -417,9 +418,9 @@ def test_shape_mismatch(hippo_files: list[Path], tmp_path: Path) -> None:
     bad = pred_dir / f"{ids[1]}.nii.gz"
     arr = _read(bad)[:, :-2, :]
     sitk.WriteImage(sitk.GetImageFromArray(arr), str(bad))
-    with pytest.raises(EvaluationError, match="shape") as info:
+    with pytest.raises(EvaluationError, match=r"\(different size, origin, direction\)") as info:
         evaluate_folders(ref_dir, pred_dir, progress=False)
-    assert str(bad) in str(info.value) and "resample" in str(info.value)
+    assert str(bad) in str(info.value) and "--resample-to-reference" in str(info.value)
 
 
 @pytest.mark.parametrize("where", ["pred", "ref"])
@@ -487,3 +488,315 @@ def test_empty_and_nonexistent_folders(tmp_path: Path) -> None:
         evaluate_folders(full, full, units="cm", progress=False)  # type: ignore[arg-type]
     with pytest.raises(EvaluationError, match="background"):
         evaluate_folders(full, full, labels=[0, 1], progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry: predictions must lie on the reference grid (or be resampled onto it)
+# ----------------------------------------------------------------------------------------------
+
+REF_SPACING = (0.8, 1.0, 1.5)  # SimpleITK (x, y, z) order
+REF_ORIGIN = (3.0, -2.0, 5.0)
+
+
+def _tiny_labelmap(seed: int = 0) -> np.ndarray:
+    """(z, y, x) = (8, 10, 12) label map with two blobs off-centre in x, so that an x-flip moves them."""
+    arr = np.zeros((8, 10, 12), dtype=np.uint8)
+    arr[2:6, 2:7, 1:5] = 1
+    arr[3:5, 4:8, 6:8] = 2
+    arr[1 + seed % 3, 5, 9] = 1  # a stray voxel that makes cases differ
+    return arr
+
+
+def _write_ref(arr: np.ndarray, path: Path) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(REF_SPACING)
+    img.SetOrigin(REF_ORIGIN)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+    return sitk.ReadImage(str(path))
+
+
+def _geometry_folders(root: Path, n: int = 2) -> tuple[Path, Path]:
+    """``n`` reference cases c1..cn and exact copies as predictions (same voxels, same header)."""
+    ref_dir, pred_dir = root / "ref", root / "pred"
+    for i in range(1, n + 1):
+        img = _write_ref(_tiny_labelmap(i), ref_dir / f"c{i}.nii.gz")
+        pred_dir.mkdir(exist_ok=True)
+        sitk.WriteImage(img, str(pred_dir / f"c{i}.nii.gz"))
+    return ref_dir, pred_dir
+
+
+def _no_metrics(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a metric was computed before the geometry was checked")
+
+
+def _rotation_z(angle: float) -> tuple[float, ...]:
+    c, s = math.cos(angle), math.sin(angle)
+    return (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
+
+
+def test_flipped_prediction_is_refused_then_resampled_to_dice_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sitk.Flip stores the same physical mask with the x axis reversed: compared voxel-wise it scored far below 1."""
+    ref_dir, pred_dir = _geometry_folders(tmp_path)
+    ref_img = sitk.ReadImage(str(ref_dir / "c1.nii.gz"))
+    flipped = sitk.Flip(ref_img, [True, False, False])
+    sitk.WriteImage(flipped, str(pred_dir / "c1.nii.gz"))
+    # The test means something: the stored voxels differ, the physical masks do not.
+    ref_arr, flipped_arr = _read(ref_dir / "c1.nii.gz"), _read(pred_dir / "c1.nii.gz")
+    assert dice(flipped_arr == 1, ref_arr == 1) < 0.9
+    assert np.array_equal(flipped_arr[:, :, ::-1], ref_arr)
+
+    import nnfiltermatch.metrics as metrics_module
+
+    with monkeypatch.context() as patch:
+        patch.setattr(metrics_module, "case_metrics", _no_metrics)
+        with pytest.raises(EvaluationError) as info:
+            evaluate_folders(ref_dir, pred_dir, progress=False)
+    message = str(info.value)
+    assert message.startswith("1 problem(s):")
+    assert "case 'c1'" in message and "case 'c2'" not in message
+    assert str(pred_dir / "c1.nii.gz") in message and str(ref_dir / "c1.nii.gz") in message
+    assert "(different origin, direction)" in message
+    assert "prediction: size (12, 10, 8), spacing (0.8, 1, 1.5), origin (11.8, -2, 5), direction (-1, 0, 0," in message
+    assert "reference:  size (12, 10, 8), spacing (0.8, 1, 1.5), origin (3, -2, 5), direction (1, 0, 0," in message
+    assert "--resample-to-reference" in message
+
+    res = evaluate_folders(ref_dir, pred_dir, progress=False, resample_to_reference=True)
+    assert [r.case for r in res.resampled] == ["c1"]
+    assert res.resampled[0].differs == ("origin", "direction")
+    assert res.resampled[0].foreground_mm3_before == pytest.approx(res.resampled[0].foreground_mm3_after)
+    for row in res.rows:
+        assert (row.dice, row.jaccard, row.hd95, row.asd, row.assd) == (1.0, 1.0, 0.0, 0.0, 0.0), row
+    assert "resampled onto the reference grid with nearest neighbour (1 of 2):" in res.format_table()
+    assert "  c1: differed in origin, direction; foreground" in res.format_table()
+    assert res.to_dict()["resampled"][0]["case"] == "c1"
+
+
+def test_geometry_refusal_through_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nnfiltermatch.cli import main
+
+    ref_dir, pred_dir = _geometry_folders(tmp_path)
+    sitk.WriteImage(
+        sitk.Flip(sitk.ReadImage(str(ref_dir / "c2.nii.gz")), [True, False, False]), str(pred_dir / "c2.nii.gz")
+    )
+    argv = ["evaluate", "-r", str(ref_dir), "--pred", str(pred_dir)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("nnfiltermatch evaluate: error: 1 problem(s):\n  case 'c2': prediction ")
+    assert "dice" not in captured.out  # no table: refused before any metric
+    assert main([*argv, "--resample-to-reference"]) == 0
+    out = capsys.readouterr().out
+    assert "c2: differed in origin, direction" in out
+    assert "1.0000±0.0000" in out
+
+
+def test_spacing_mismatch_is_refused_naming_the_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same voxels with 2 mm spacing used to score Dice 1.0; now refused, before any metric, in either unit."""
+    ref_dir, pred_dir = _geometry_folders(tmp_path, n=3)
+    img = sitk.ReadImage(str(pred_dir / "c2.nii.gz"))
+    img.SetSpacing((2.0, 2.0, 2.0))
+    sitk.WriteImage(img, str(pred_dir / "c2.nii.gz"))
+    import nnfiltermatch.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "case_metrics", _no_metrics)
+    for units in ("voxel", "mm"):
+        with pytest.raises(EvaluationError, match=r"case 'c2': .* \(different spacing\)") as info:
+            evaluate_folders(ref_dir, pred_dir, units=units, progress=False)  # type: ignore[arg-type]
+        message = str(info.value)
+        assert "spacing (2, 2, 2)" in message and "spacing (0.8, 1, 1.5)" in message
+        assert "'c1'" not in message and "'c3'" not in message
+
+
+def test_origin_mismatch_is_refused(tmp_path: Path) -> None:
+    ref_dir, pred_dir = _geometry_folders(tmp_path)
+    img = sitk.ReadImage(str(pred_dir / "c1.nii.gz"))
+    img.SetOrigin((REF_ORIGIN[0] + 10.0, REF_ORIGIN[1], REF_ORIGIN[2]))
+    sitk.WriteImage(img, str(pred_dir / "c1.nii.gz"))
+    with pytest.raises(EvaluationError, match=r"case 'c1': .* \(different origin\)") as info:
+        evaluate_folders(ref_dir, pred_dir, progress=False)
+    assert "origin (13, -2, 5)" in str(info.value) and "origin (3, -2, 5)" in str(info.value)
+    # Resampled, the mask moved by 10 mm (12.5 voxels in x) loses its overlap with the reference.
+    res = evaluate_folders(ref_dir, pred_dir, progress=False, resample_to_reference=True)
+    assert [r.case for r in res.resampled] == ["c1"]
+    assert all(r.dice < 0.5 for r in res.rows if r.case == "c1")
+
+
+@pytest.mark.parametrize(
+    ("change", "accepted"),
+    [
+        ("spacing*(1+5e-5)", True),
+        ("spacing*(1+1e-3)", False),
+        ("origin+0.01voxel", True),
+        ("origin+0.2voxel", False),
+        ("rotate 5e-5 rad", True),
+        ("rotate 1e-3 rad", False),
+    ],
+)
+def test_geometry_within_tolerance_is_accepted(tmp_path: Path, change: str, accepted: bool) -> None:
+    """Header round-off passes untouched; just beyond the stated tolerance is refused."""
+    ref_dir, pred_dir = _geometry_folders(tmp_path, n=1)
+    img = sitk.ReadImage(str(pred_dir / "c1.nii.gz"))
+    if change.startswith("spacing"):
+        factor = 1 + float(change.split("+")[1].rstrip(")"))
+        img.SetSpacing(tuple(s * factor for s in REF_SPACING))
+    elif change.startswith("origin"):
+        shift = float(change.split("+")[1].removesuffix("voxel")) * min(REF_SPACING)
+        img.SetOrigin((REF_ORIGIN[0] + shift, REF_ORIGIN[1], REF_ORIGIN[2]))
+    else:
+        img.SetDirection(_rotation_z(float(change.split()[1])))
+    sitk.WriteImage(img, str(pred_dir / "c1.nii.gz"))
+    if accepted:
+        res = evaluate_folders(ref_dir, pred_dir, progress=False)
+        assert res.resampled == [] and all(r.dice == 1.0 for r in res.rows)
+    else:
+        what = change.split("*")[0].split("+")[0].replace("rotate", "direction").split()[0]
+        with pytest.raises(EvaluationError, match=rf"\(different {what}\)"):
+            evaluate_folders(ref_dir, pred_dir, progress=False)
+
+
+def test_resampling_also_fixes_a_size_mismatch_but_not_dimensionality(tmp_path: Path) -> None:
+    """A prediction cropped to a sub-box (same spacing, shifted origin) is padded back onto the reference grid."""
+    ref_dir, pred_dir = _geometry_folders(tmp_path, n=1)
+    img = sitk.ReadImage(str(ref_dir / "c1.nii.gz"))
+    cropped = img[1:11, 1:9, 1:7]  # x, y, z; keeps the physical position of every voxel
+    sitk.WriteImage(cropped, str(pred_dir / "c1.nii.gz"))
+    with pytest.raises(EvaluationError, match=r"\(different size, origin\)"):
+        evaluate_folders(ref_dir, pred_dir, progress=False)
+    res = evaluate_folders(ref_dir, pred_dir, progress=False, resample_to_reference=True)
+    assert res.resampled[0].differs == ("size", "origin") and all(r.dice == 1.0 for r in res.rows)
+    sitk.WriteImage(img[:, :, 3], str(pred_dir / "c1.nii.gz"))  # a 2D slice
+    with pytest.raises(EvaluationError, match=r"\(different dimensionality\)"):
+        evaluate_folders(ref_dir, pred_dir, progress=False, resample_to_reference=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Class names from dataset.json
+# ----------------------------------------------------------------------------------------------
+
+
+def test_class_names_from_dataset_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nnfiltermatch.cli import main
+
+    dataset = tmp_path / "Dataset901_Tiny"
+    ref_dir, pred_dir = _geometry_folders(dataset)
+    ref_dir = ref_dir.rename(dataset / "labelsTs")
+    labels = {"background": 0, "liver": 1, "tumour": 2, "whole": [1, 2]}  # a region entry is not a class
+    (dataset / "dataset.json").write_text(json.dumps({"labels": labels, "file_ending": ".nii.gz"}))
+
+    res = evaluate_folders(ref_dir, pred_dir, progress=False)
+    assert res.label_names == {1: "liver", 2: "tumour"}
+    assert res.label_names_source == str(dataset / "dataset.json")
+    table = res.format_table()
+    assert "\nliver (1)  " in table and "\ntumour (2)  " in table
+    data = res.to_dict()
+    assert list(data["per_class"]) == ["1", "2"] and data["labels"] == [1, 2]  # keys stay the label values
+    assert data["label_names"] == {"1": "liver", "2": "tumour"} and data["per_class"]["2"]["name"] == "tumour"
+    assert {r["label"] for r in data["cases"]} == {1, 2}
+
+    # The command prints them; an explicit --dataset-json wins; nnU-Net v1's {"1": name} works too.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"labels": {"0": "background", "1": "Anterior", "2": "Posterior"}}))
+    assert main(["evaluate", "-r", str(ref_dir), "--pred", str(pred_dir)]) == 0
+    assert "\nliver (1)  " in capsys.readouterr().out
+    assert main(["evaluate", "-r", str(ref_dir), "--pred", str(pred_dir), "--dataset-json", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "\nAnterior (1)  " in out and "\nPosterior (2)  " in out and f"class names from {other}" in out
+    assert main(["evaluate", "-r", str(ref_dir), "--pred", str(pred_dir), "--dataset-json", str(tmp_path / "no")]) == 2
+    assert "nnfiltermatch evaluate: error: cannot read" in capsys.readouterr().err
+
+    # Without dataset.json beside the references, the one nnU-Net writes into the prediction folder is used;
+    # without any, classes stay numbered and JSON names are null.
+    (dataset / "dataset.json").rename(pred_dir / "dataset.json")
+    assert evaluate_folders(ref_dir, pred_dir, progress=False).label_names == {1: "liver", 2: "tumour"}
+    (pred_dir / "dataset.json").unlink()
+    plain = evaluate_folders(ref_dir, pred_dir, progress=False)
+    assert plain.label_names == {} and plain.label_names_source is None
+    assert "\n1  " in plain.format_table() and plain.to_dict()["label_names"] == {"1": None, "2": None}
+    # A broken dataset.json that was only found is warned about, not fatal.
+    (ref_dir / "dataset.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="class names not used"):
+        assert evaluate_folders(ref_dir, pred_dir, progress=False).label_names == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalised surface Dice
+# ----------------------------------------------------------------------------------------------
+
+
+def _brute_force_nsd(pred: np.ndarray, ref: np.ndarray, tolerance: float, spacing: tuple[float, ...]) -> float:
+    """NSD by definition: surface voxel = object voxel with a 6-neighbour outside the object or the array;
+    all pairwise physical distances between the two surfaces; share of surface voxels within the tolerance."""
+
+    def surface_points(mask: np.ndarray) -> np.ndarray:
+        padded = np.pad(mask, 1)
+        points = []
+        for idx in zip(*np.nonzero(mask)):
+            p = tuple(i + 1 for i in idx)
+            for axis in range(mask.ndim):
+                for step in (-1, 1):
+                    q = list(p)
+                    q[axis] += step
+                    if not padded[tuple(q)]:
+                        points.append(idx)
+                        break
+                else:
+                    continue
+                break
+        return np.array(points, dtype=float) * np.array(spacing)
+
+    sp, sr = surface_points(pred), surface_points(ref)
+    dist = np.sqrt(((sp[:, None, :] - sr[None, :, :]) ** 2).sum(-1))
+    close = np.count_nonzero(dist.min(axis=1) <= tolerance) + np.count_nonzero(dist.min(axis=0) <= tolerance)
+    return close / (len(sp) + len(sr))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nsd_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    spacing = (1.5, 1.0, 0.8)
+    ref = gaussian_filter(rng.random((9, 10, 11)), 1.5) > 0.5
+    pred = gaussian_filter(rng.random((9, 10, 11)), 1.5) > 0.5
+    assert ref.any() and pred.any() and not np.array_equal(ref, pred)
+    values = []
+    for tolerance in (0.0, 0.9, 1.3, 2.1, 4.0):
+        expected = _brute_force_nsd(pred, ref, tolerance, spacing)
+        got = normalized_surface_dice(pred, ref, tolerance, spacing)
+        assert got == pytest.approx(expected, abs=1e-12), tolerance
+        assert binary_metrics(pred, ref, None, nsd_tolerance=tolerance, nsd_spacing=spacing)["nsd"] == got
+        values.append(got)
+    assert values == sorted(values) and 0 < values[1] < values[-1] <= 1
+    assert normalized_surface_dice(ref, ref, 0.0, spacing) == 1.0
+    empty = np.zeros_like(ref)
+    assert normalized_surface_dice(empty, empty, 1.0) == 1.0 and normalized_surface_dice(pred, empty, 1.0) == 0.0
+    with pytest.raises(ValueError, match="tolerance"):
+        normalized_surface_dice(pred, ref, -1.0)
+
+
+def test_nsd_in_folder_evaluation_uses_header_spacing(tmp_path: Path) -> None:
+    ref_dir, pred_dir = _geometry_folders(tmp_path, n=2)
+    ref_img = sitk.ReadImage(str(ref_dir / "c1.nii.gz"))
+    pred_arr = _tiny_labelmap(1)
+    pred_arr[:, :, 1:] = pred_arr[:, :, :-1].copy()  # shift one voxel (0.8 mm) along x
+    _write_like(pred_arr, ref_img, pred_dir / "c1.nii.gz")
+    numpy_spacing = tuple(reversed(REF_SPACING))
+    ref_arr = _read(ref_dir / "c1.nii.gz")
+    # 0.9 mm covers the 0.8 mm shift but not 1 voxel: NSD in voxels would be 0.61 instead of 1.
+    in_mm = _brute_force_nsd(pred_arr == 1, ref_arr == 1, 0.9, numpy_spacing)
+    in_voxels = _brute_force_nsd(pred_arr == 1, ref_arr == 1, 0.9, (1.0, 1.0, 1.0))
+    assert in_mm == 1.0 and in_voxels < 0.7
+    for units in ("voxel", "mm"):
+        res = evaluate_folders(ref_dir, pred_dir, units=units, nsd_tolerance=0.9, progress=False)  # type: ignore[arg-type]
+        row = next(r for r in res.rows if r.case == "c1" and r.label == 1)
+        assert row.nsd == pytest.approx(in_mm)
+        assert row.dice < 1.0
+    assert res.metrics == (*METRICS, "nsd") and "nsd@0.9mm" in res.format_table()
+    assert res.to_dict()["nsd_tolerance_mm"] == 0.9 and "nsd" in res.to_dict()["cases"][0]
+    header = res.to_csv(tmp_path / "s.csv").read_text().splitlines()[0]
+    assert header == "case,label,dice,jaccard,hd95,asd,assd,nsd"
+    plain = evaluate_folders(ref_dir, pred_dir, progress=False)
+    assert plain.to_csv(tmp_path / "p.csv").read_text().splitlines()[0] == ",".join(CSV_COLUMNS)
+    assert "nsd" not in plain.to_dict()["cases"][0] and "nsd" not in plain.format_table()
+    with pytest.raises(EvaluationError, match="--nsd-tolerance"):
+        evaluate_folders(ref_dir, pred_dir, nsd_tolerance=-1.0, progress=False)

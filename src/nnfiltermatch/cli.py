@@ -226,6 +226,24 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--allow-missing", "--chill", action="store_true", help="report missing predictions instead of failing"
     )
     p.add_argument("--file-ending", default=".nii.gz")
+    p.add_argument(
+        "--resample-to-reference",
+        action="store_true",
+        help="resample predictions whose size, spacing, origin or direction differ from their reference onto the "
+        "reference grid (nearest neighbour) and list them, instead of refusing them",
+    )
+    p.add_argument(
+        "--dataset-json",
+        type=Path,
+        help="dataset.json whose 'labels' name the classes in the table (default: one found in the reference folder, "
+        "its parent, or the prediction folder)",
+    )
+    p.add_argument(
+        "--nsd-tolerance",
+        type=float,
+        metavar="MM",
+        help="also report normalised surface Dice at this tolerance in mm (header spacing, whatever --units says)",
+    )
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -397,6 +415,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         units=args.units,
         allow_missing=args.allow_missing,
         file_ending=args.file_ending,
+        resample_to_reference=args.resample_to_reference,
+        dataset_json=args.dataset_json,
+        nsd_tolerance=args.nsd_tolerance,
     )
     print(result.format_table())
     if args.output is not None:

@@ -1,4 +1,4 @@
-"""Segmentation metrics for ``nnfiltermatch evaluate``: Dice, Jaccard, HD95, ASD and ASSD.
+"""Segmentation metrics for ``nnfiltermatch evaluate``: Dice, Jaccard, HD95, ASD, ASSD and optionally NSD.
 
 The distance metrics reproduce ``medpy.metric.binary`` (version 0.5.2) exactly, because the
 semi-supervised segmentation literature (SSL4MIS, UA-MT, ...) reports numbers computed with medpy:
@@ -21,6 +21,18 @@ Conventions for empty masks (medpy raises instead):
 * both masks empty: Dice 1, Jaccard 1, all distances 0 (a correctly predicted absent structure);
 * exactly one mask empty: Dice 0, Jaccard 0, all distances NaN (undefined, never 0), so that means
   over cases skip them (``np.nanmean``) and ``n_undefined`` counts them.
+
+Normalised surface Dice (NSD, Nikolov et al. 2021) at tolerance ``tau`` is computed from the same surface voxels
+and distances: ``(#{d(pred->ref) <= tau} + #{d(ref->pred) <= tau}) / (#surface(pred) + #surface(ref))``, i.e.
+counted per surface voxel (MONAI's ``compute_surface_dice`` without sub-voxel areas). Like Dice it is 1 when both
+masks are empty and 0 when exactly one is.
+
+A prediction is only compared voxel by voxel with its reference when both lie on the same physical grid: same
+size, spacing (relative 1e-4), origin (within 5% of the smallest reference voxel spacing) and direction (1e-4 per
+matrix entry). Within these tolerances nearest-neighbour resampling onto the reference grid would return the very
+same voxels (over 512 voxels per axis the three together displace a voxel centre by about 0.15 voxel at most, so it
+still rounds to the same voxel), so accepting them loses nothing; a real mismatch (another spacing, a shifted
+origin, a flipped axis) would score nonsense silently, so it is refused, or resampled on request.
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ __all__ = [
     "CaseRow",
     "EvaluationError",
     "EvaluationResult",
+    "Resampled",
     "asd",
     "assd",
     "binary_metrics",
@@ -57,6 +70,8 @@ __all__ = [
     "evaluate_folders",
     "hd95",
     "jaccard",
+    "normalized_surface_dice",
+    "read_label_names",
     "surface_distances",
 ]
 
@@ -64,7 +79,17 @@ METRICS: tuple[str, ...] = ("dice", "jaccard", "hd95", "asd", "assd")
 """Metric names, in the order used by tables, CSV columns and JSON."""
 
 CSV_COLUMNS: tuple[str, ...] = ("case", "label", *METRICS)
-"""Exact CSV header written by :meth:`EvaluationResult.to_csv`."""
+"""Exact CSV header written by :meth:`EvaluationResult.to_csv` (an ``nsd`` column follows only with a tolerance)."""
+
+NSD = "nsd"
+"""Name of the optional normalised surface Dice metric (column, JSON key), present only when a tolerance is set."""
+
+SPACING_RTOL = 1e-4
+"""Largest relative spacing difference per axis between a prediction and its reference."""
+ORIGIN_TOL_VOXELS = 0.05
+"""Largest origin distance (Euclidean, mm), as a fraction of the smallest reference spacing."""
+DIRECTION_ATOL = 1e-4
+"""Largest difference of any entry of the direction cosine matrices."""
 
 Spacing = Sequence[float] | float | None
 Units = Literal["voxel", "mm"]
@@ -202,11 +227,61 @@ def assd(pred: np.ndarray, ref: np.ndarray, spacing: Spacing = None) -> float:
     return distance_metrics(pred, ref, spacing)["assd"]
 
 
-def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Spacing = None) -> dict[str, float]:
-    """All five metrics plus ``n_pred`` / ``n_ref`` voxel counts for one mask pair, distances computed once."""
+def _check_tolerance(tolerance: float) -> float:
+    """NSD tolerance as a float, refusing negative or non-finite values (they would silently give 0 or 1)."""
+    value = float(tolerance)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"the NSD tolerance must be a finite distance >= 0, got {tolerance}")
+    return value
+
+
+def _nsd_from(d_pred_to_ref: np.ndarray, d_ref_to_pred: np.ndarray, tolerance: float) -> float:
+    """Share of both surfaces' voxels that lie within ``tolerance`` of the other surface."""
+    close = int(np.count_nonzero(d_pred_to_ref <= tolerance)) + int(np.count_nonzero(d_ref_to_pred <= tolerance))
+    return close / (d_pred_to_ref.size + d_ref_to_pred.size)
+
+
+def normalized_surface_dice(pred: np.ndarray, ref: np.ndarray, tolerance: float, spacing: Spacing = None) -> float:
+    """Normalised surface Dice at ``tolerance`` (in the units of ``spacing``); 1 / 0 for both / one mask empty."""
     pred_b, ref_b = _as_bool_pair(pred, ref)
+    tol = _check_tolerance(tolerance)
+    _normalize_spacing(spacing, pred_b.ndim)
+    has_pred, has_ref = bool(pred_b.any()), bool(ref_b.any())
+    if not (has_pred and has_ref):
+        return 1.0 if has_pred == has_ref else 0.0
+    return _nsd_from(*surface_distances(pred_b, ref_b, spacing), tol)
+
+
+def binary_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing: Spacing = None,
+    nsd_tolerance: float | None = None,
+    nsd_spacing: Spacing = None,
+) -> dict[str, float]:
+    """All metrics plus ``n_pred`` / ``n_ref`` voxel counts for one mask pair, distances computed once.
+
+    With ``nsd_tolerance``, ``"nsd"`` is added, measured with ``nsd_spacing`` (default ``spacing``): the tolerance
+    is in mm even when the other distances are reported in voxels, and the distances are reused when both agree.
+    """
+    pred_b, ref_b = _as_bool_pair(pred, ref)
+    sampling = _normalize_spacing(spacing, pred_b.ndim)
     out: dict[str, float] = {"dice": dice(pred_b, ref_b), "jaccard": jaccard(pred_b, ref_b)}
-    out.update(distance_metrics(pred_b, ref_b, spacing))
+    has_pred, has_ref = bool(pred_b.any()), bool(ref_b.any())
+    distances = surface_distances(pred_b, ref_b, sampling) if has_pred and has_ref else None
+    if distances is None:
+        out.update(distance_metrics(pred_b, ref_b, sampling))
+    else:
+        out.update(_distances_from(*distances))
+    if nsd_tolerance is not None:
+        tol = _check_tolerance(nsd_tolerance)
+        nsd_sampling = sampling if nsd_spacing is None else _normalize_spacing(nsd_spacing, pred_b.ndim)
+        if distances is None:
+            out[NSD] = 1.0 if has_pred == has_ref else 0.0
+        else:
+            if nsd_sampling != sampling:
+                distances = surface_distances(pred_b, ref_b, nsd_sampling)
+            out[NSD] = _nsd_from(*distances, tol)
     out["n_ref"] = int(np.count_nonzero(ref_b))
     out["n_pred"] = int(np.count_nonzero(pred_b))
     return out
@@ -217,18 +292,24 @@ def case_metrics(
     ref_labelmap: np.ndarray,
     labels: Iterable[int],
     spacing: Spacing = None,
+    nsd_tolerance: float | None = None,
+    nsd_spacing: Spacing = None,
 ) -> dict[int, dict[str, float]]:
     """Metrics per foreground label of one case: ``{label: {dice, jaccard, hd95, asd, assd, n_ref, n_pred}}``.
 
     Each label is evaluated as its own binary mask pair (one-vs-rest), with the empty-mask conventions of the
-    module docstring, so a label absent from both label maps scores Dice 1 and distance 0.
+    module docstring, so a label absent from both label maps scores Dice 1 and distance 0. ``nsd_tolerance`` adds
+    ``"nsd"`` (see :func:`binary_metrics`).
     """
     pred_arr = np.asarray(pred_labelmap)
     ref_arr = np.asarray(ref_labelmap)
     if pred_arr.shape != ref_arr.shape:
         raise ValueError(f"prediction shape {pred_arr.shape} differs from reference shape {ref_arr.shape}")
     spacing_t = _normalize_spacing(spacing, max(ref_arr.ndim, 1))
-    return {int(label): binary_metrics(pred_arr == label, ref_arr == label, spacing_t) for label in labels}
+    return {
+        int(label): binary_metrics(pred_arr == label, ref_arr == label, spacing_t, nsd_tolerance, nsd_spacing)
+        for label in labels
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +323,7 @@ class EvaluationError(ValueError):
 
 @dataclass(frozen=True)
 class CaseRow:
-    """Metrics of one class in one case (one CSV row)."""
+    """Metrics of one class in one case (one CSV row); ``nsd`` stays NaN unless an NSD tolerance was given."""
 
     case: str
     label: int
@@ -253,6 +334,28 @@ class CaseRow:
     assd: float
     n_ref: int
     n_pred: int
+    nsd: float = math.nan
+
+
+@dataclass(frozen=True)
+class Resampled:
+    """A prediction that was resampled onto its reference grid, and what that did to its foreground.
+
+    The foreground volume before and after is reported so that a prediction lying partly outside the reference
+    grid (whose voxels resampling drops) is visible instead of silently scoring as an under-segmentation.
+    """
+
+    case: str
+    differs: tuple[str, ...]
+    foreground_mm3_before: float
+    foreground_mm3_after: float
+
+    def describe(self) -> str:
+        """One line for the printed output."""
+        return (
+            f"{self.case}: differed in {', '.join(self.differs)}; foreground {self.foreground_mm3_before:.1f} mm³ "
+            f"before, {self.foreground_mm3_after:.1f} mm³ after"
+        )
 
 
 def _nan_stat(values: Sequence[float], stat: str) -> float:
@@ -283,7 +386,8 @@ class EvaluationResult:
     ``per_class_mean`` / ``per_class_std`` are ``np.nanmean`` / ``np.nanstd`` (population std) over cases, so
     undefined distances (exactly one of prediction/reference empty) are skipped instead of counted as 0;
     ``n_undefined`` says how many were skipped per class. ``mean_over_classes`` averages the per-class means,
-    the "average over classes" figure papers report.
+    the "average over classes" figure papers report. ``label_names`` (from dataset.json) only label the output:
+    JSON keys, CSV rows and ``labels`` stay the integer label values.
     """
 
     rows: list[CaseRow]
@@ -296,6 +400,10 @@ class EvaluationResult:
     cases: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unmatched_predictions: list[str] = field(default_factory=list)
+    label_names: dict[int, str] = field(default_factory=dict)
+    label_names_source: str | None = None
+    resampled: list[Resampled] = field(default_factory=list)
+    nsd_tolerance: float | None = None
 
     @classmethod
     def from_rows(
@@ -305,20 +413,26 @@ class EvaluationResult:
         units: str,
         missing: Sequence[str] = (),
         unmatched_predictions: Sequence[str] = (),
+        label_names: Mapping[int, str] | None = None,
+        label_names_source: str | None = None,
+        resampled: Sequence[Resampled] = (),
+        nsd_tolerance: float | None = None,
     ) -> EvaluationResult:
         """Build the result and its aggregates from per-case rows (kept separate so tests can feed rows)."""
         rows = list(rows)
         labels = [int(label) for label in labels]
+        metrics = METRICS if nsd_tolerance is None else (*METRICS, NSD)
         per_mean: dict[int, dict[str, float]] = {}
         per_std: dict[int, dict[str, float]] = {}
         n_undef: dict[int, int] = {}
         for label in labels:
             label_rows = [r for r in rows if r.label == label]
-            per_mean[label] = {m: _nan_stat([getattr(r, m) for r in label_rows], "mean") for m in METRICS}
-            per_std[label] = {m: _nan_stat([getattr(r, m) for r in label_rows], "std") for m in METRICS}
+            per_mean[label] = {m: _nan_stat([getattr(r, m) for r in label_rows], "mean") for m in metrics}
+            per_std[label] = {m: _nan_stat([getattr(r, m) for r in label_rows], "std") for m in metrics}
             n_undef[label] = sum(1 for r in label_rows if math.isnan(r.hd95))
-        over_classes = {m: _nan_stat([per_mean[label][m] for label in labels], "mean") for m in METRICS}
+        over_classes = {m: _nan_stat([per_mean[label][m] for label in labels], "mean") for m in metrics}
         cases = list(dict.fromkeys(r.case for r in rows))
+        names = {int(k): str(v) for k, v in (label_names or {}).items() if int(k) in labels}
         return cls(
             rows=rows,
             labels=labels,
@@ -330,6 +444,10 @@ class EvaluationResult:
             cases=cases,
             missing=list(missing),
             unmatched_predictions=list(unmatched_predictions),
+            label_names=names,
+            label_names_source=label_names_source,
+            resampled=list(resampled),
+            nsd_tolerance=nsd_tolerance,
         )
 
     @property
@@ -337,10 +455,22 @@ class EvaluationResult:
         """Number of evaluated cases (missing ones excluded)."""
         return len(self.cases)
 
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Metric names of this result: :data:`METRICS`, plus ``"nsd"`` when a tolerance was given."""
+        return METRICS if self.nsd_tolerance is None else (*METRICS, NSD)
+
+    def class_name(self, label: int) -> str:
+        """``"Anterior (1)"`` when dataset.json names the label, else ``"1"``."""
+        name = self.label_names.get(label)
+        return f"{name} ({label})" if name else str(label)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary; NaN becomes None so the file is strict JSON."""
+        metrics = self.metrics
         per_class = {
             str(label): {
+                "name": self.label_names.get(label),
                 "mean": self.per_class_mean[label],
                 "std": self.per_class_std[label],
                 "n_undefined": self.n_undefined[label],
@@ -351,17 +481,29 @@ class EvaluationResult:
             {
                 "units": self.units,
                 "labels": self.labels,
+                "label_names": {str(label): self.label_names.get(label) for label in self.labels},
+                "label_names_source": self.label_names_source,
+                "nsd_tolerance_mm": self.nsd_tolerance,
                 "n_cases": self.n_cases,
                 "mean_over_classes": self.mean_over_classes,
                 "per_class": per_class,
                 "n_undefined_total": sum(self.n_undefined.values()),
                 "missing": self.missing,
                 "unmatched_predictions": self.unmatched_predictions,
+                "resampled": [
+                    {
+                        "case": r.case,
+                        "differs": list(r.differs),
+                        "foreground_mm3_before": r.foreground_mm3_before,
+                        "foreground_mm3_after": r.foreground_mm3_after,
+                    }
+                    for r in self.resampled
+                ],
                 "cases": [
                     {
                         "case": r.case,
                         "label": r.label,
-                        **{m: getattr(r, m) for m in METRICS},
+                        **{m: getattr(r, m) for m in metrics},
                         "n_ref": r.n_ref,
                         "n_pred": r.n_pred,
                     }
@@ -378,37 +520,44 @@ class EvaluationResult:
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
         """Write one row per case and class with columns ``case,label,dice,jaccard,hd95,asd,assd``, atomically.
 
+        An ``nsd`` column is appended only when a tolerance was given, so the default header never changes.
         Values use Python's shortest round-trip float format; undefined distances are written as ``nan``.
         """
+        metrics = self.metrics
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(("case", "label", *metrics))
         for r in self.rows:
-            writer.writerow([r.case, r.label, *(repr(float(getattr(r, m))) for m in METRICS)])
+            writer.writerow([r.case, r.label, *(repr(float(getattr(r, m))) for m in metrics)])
         return atomic_write_text(path, buffer.getvalue())
 
     def format_table(self) -> str:
         """Plain-text table: mean±std per class and metric, the mean over classes, and undefined counts."""
+        metrics = self.metrics
 
         def cell(metric: str, mean: float, std: float | None) -> str:
-            digits = 4 if metric in ("dice", "jaccard") else 3
+            digits = 4 if metric in ("dice", "jaccard", NSD) else 3
             if math.isnan(mean):
                 return "n/a"
             if std is None:
                 return f"{mean:.{digits}f}"
             return f"{mean:.{digits}f}±{(0.0 if math.isnan(std) else std):.{digits}f}"
 
-        header = ["class", *METRICS, "undefined"]
+        header = ["class", *(f"nsd@{self.nsd_tolerance:g}mm" if m == NSD else m for m in metrics), "undefined"]
         body: list[list[str]] = []
         for label in self.labels:
             mean, std = self.per_class_mean[label], self.per_class_std[label]
             body.append(
-                [str(label), *(cell(m, mean[m], std[m]) for m in METRICS), f"{self.n_undefined[label]}/{self.n_cases}"]
+                [
+                    self.class_name(label),
+                    *(cell(m, mean[m], std[m]) for m in metrics),
+                    f"{self.n_undefined[label]}/{self.n_cases}",
+                ]
             )
         body.append(
             [
                 "mean",
-                *(cell(m, self.mean_over_classes[m], None) for m in METRICS),
+                *(cell(m, self.mean_over_classes[m], None) for m in metrics),
                 f"{sum(self.n_undefined.values())}/{self.n_cases * len(self.labels)}",
             ]
         )
@@ -421,10 +570,18 @@ class EvaluationResult:
         out = [
             f"{self.n_cases} cases, distances in {unit_note}; mean±std over cases "
             "(undefined distances, where exactly one of prediction/reference is empty, are skipped)",
-            line(header),
-            line(["-" * w for w in widths]),
         ]
+        if self.label_names_source:
+            out.append(f"class names from {self.label_names_source}")
+        if self.nsd_tolerance is not None:
+            out.append(f"nsd: normalised surface Dice at {self.nsd_tolerance:g} mm (header spacing)")
+        out += [line(header), line(["-" * w for w in widths])]
         out += [line(row) for row in body]
+        if self.resampled:
+            out.append(
+                f"resampled onto the reference grid with nearest neighbour ({len(self.resampled)} of {self.n_cases}):"
+            )
+            out += [f"  {r.describe()}" for r in self.resampled]
         if self.missing:
             out.append(f"missing predictions ({len(self.missing)}, skipped): {', '.join(self.missing)}")
         if self.unmatched_predictions:
@@ -459,8 +616,54 @@ def _list_cases(folder: Path, file_ending: str, role: str) -> dict[str, Path]:
     return files
 
 
-def _read_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Array shape and spacing in numpy axis order, from the header only (cheap validation pass)."""
+@dataclass(frozen=True)
+class _Header:
+    """Geometry of an image file in SimpleITK (x, y, z) order, read from the header only."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    components: int = 1
+
+    @property
+    def numpy_spacing(self) -> tuple[float, ...]:
+        """Spacing in numpy axis order, as the distance metrics take it."""
+        return tuple(reversed(self.spacing))
+
+    def describe(self) -> str:
+        """All four properties, formatted so that round-off does not hide or fake a difference."""
+
+        def fmt(values: Sequence[float]) -> str:
+            return "(" + ", ".join(f"{v + 0.0:.6g}" for v in values) + ")"  # + 0.0: no "-0"
+
+        extra = f", {self.components} values per voxel" if self.components > 1 else ""
+        return (
+            f"size {tuple(self.size)}, spacing {fmt(self.spacing)}, origin {fmt(self.origin)}, "
+            f"direction {fmt(self.direction)}{extra}"
+        )
+
+
+def _geometry_differences(pred: _Header, ref: _Header) -> list[str]:
+    """Names of the properties in which ``pred`` is off the reference grid (tolerances: module docstring)."""
+    if len(pred.size) != len(ref.size):
+        return ["dimensionality"]
+    out = []
+    if pred.size != ref.size:
+        out.append("size")
+    if any(abs(p - r) > SPACING_RTOL * max(abs(p), abs(r)) for p, r in zip(pred.spacing, ref.spacing)):
+        out.append("spacing")
+    if math.dist(pred.origin, ref.origin) > ORIGIN_TOL_VOXELS * min(ref.spacing):
+        out.append("origin")
+    if any(abs(p - r) > DIRECTION_ATOL for p, r in zip(pred.direction, ref.direction)):
+        out.append("direction")
+    if pred.components != ref.components:
+        out.append("values per voxel")
+    return out
+
+
+def _read_header(path: Path) -> _Header:
+    """Size, spacing, origin and direction from the header only (cheap validation pass)."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -469,29 +672,124 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise EvaluationError(f"cannot read {path}: {exc}; check that it is a valid image file") from exc
-    shape = tuple(int(s) for s in reversed(reader.GetSize()))
-    if reader.GetNumberOfComponents() > 1:
-        shape = (*shape, int(reader.GetNumberOfComponents()))
-    return shape, tuple(float(s) for s in reversed(reader.GetSpacing()))
+    return _Header(
+        size=tuple(int(s) for s in reader.GetSize()),
+        spacing=tuple(float(s) for s in reader.GetSpacing()),
+        origin=tuple(float(s) for s in reader.GetOrigin()),
+        direction=tuple(float(s) for s in reader.GetDirection()),
+        components=int(reader.GetNumberOfComponents()),
+    )
 
 
-def _read_array(path: Path) -> np.ndarray:
-    """Voxel array in numpy (z, y, x) order, as SimpleITK returns it."""
+def _read_image(path: Path) -> Any:
+    """The SimpleITK image, refusing NaN/inf voxels (ITK's NIfTI reader would turn NaN into background 0)."""
     import SimpleITK as sitk
 
     try:
-        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise EvaluationError(f"cannot read {path}: {exc}; check that it is a valid image file") from exc
-    if arr.dtype.kind == "f":
-        # ITK's NIfTI reader turns NaN into 0, which would score NaN voxels as background: count them as stored
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         nan, inf = count_nonfinite(path)
         if nan or inf:
             raise EvaluationError(
                 f"{path} contains {nan} NaN and {inf} infinite voxel(s); a label map must hold integer label values "
                 "only"
             )
-    return arr
+    return image
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """Voxel array in numpy (z, y, x) order, as SimpleITK returns it."""
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(_read_image(path))
+
+
+def _resample_to(image: Any, grid: _Header) -> Any:
+    """``image`` on the grid of ``grid`` by nearest neighbour (label values are kept; outside the image is 0)."""
+    import SimpleITK as sitk
+
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([int(s) for s in grid.size])
+    resampler.SetOutputSpacing(grid.spacing)
+    resampler.SetOutputOrigin(grid.origin)
+    resampler.SetOutputDirection(grid.direction)
+    resampler.SetTransform(sitk.Transform())
+    resampler.SetInterpolator(sitk.sitkNearestNeighbor)
+    resampler.SetDefaultPixelValue(0)
+    resampler.SetOutputPixelType(image.GetPixelID())
+    return resampler.Execute(image)
+
+
+def _read_prediction(
+    path: Path, case: str, grid: _Header, differs: Sequence[str]
+) -> tuple[np.ndarray, Resampled | None]:
+    """The prediction's voxels on the reference grid: as stored, or resampled when ``differs`` is not empty."""
+    import SimpleITK as sitk
+
+    image = _read_image(path)
+    if not differs:
+        return sitk.GetArrayFromImage(image), None
+    before = sitk.GetArrayFromImage(image)
+    resampled = sitk.GetArrayFromImage(_resample_to(image, grid))
+    note = Resampled(
+        case=case,
+        differs=tuple(differs),
+        foreground_mm3_before=float(np.count_nonzero(before) * math.prod(image.GetSpacing())),
+        foreground_mm3_after=float(np.count_nonzero(resampled) * math.prod(grid.spacing)),
+    )
+    return resampled, note
+
+
+def read_label_names(path: str | os.PathLike[str]) -> dict[int, str]:
+    """``{label value: class name}`` from a dataset.json ``labels`` entry (nnU-Net v2, or v1's ``{"1": name}``).
+
+    Region entries (a list of values) are left out: ``evaluate`` scores single label values. Raises
+    :class:`EvaluationError` naming the file when it cannot be read or has no usable ``labels``.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise EvaluationError(
+            f"cannot read {path} ({exc}); give the dataset.json whose 'labels' name the classes"
+        ) from exc
+    except ValueError as exc:
+        raise EvaluationError(f"{path} is not valid JSON ({exc}); fix the syntax") from exc
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(labels, dict):
+        raise EvaluationError(f'{path} has no \'labels\' mapping (e.g. {{"background": 0, "liver": 1}})')
+    names: dict[int, str] = {}
+    for key, value in labels.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            names[value] = str(key)
+        elif isinstance(value, str) and str(key).isdigit():  # nnU-Net v1: {"1": "liver"}
+            names[int(key)] = value
+    return {value: name for value, name in names.items() if value != 0}
+
+
+def _find_label_names(
+    dataset_json: str | os.PathLike[str] | None, ref_dir: Path, pred_dir: Path
+) -> tuple[dict[int, str], str | None]:
+    """Class names and where they came from: the given dataset.json, else the first one found.
+
+    Looked for beside the references (``labelsTs/`` sits in the raw dataset folder, so its parent too), then in
+    the prediction folder, where nnU-Net's predictor copies the model's dataset.json. A broken file that was only
+    found, not asked for, is warned about and the classes stay numbered.
+    """
+    if dataset_json is not None:
+        return read_label_names(dataset_json), str(dataset_json)
+    for candidate in (ref_dir / "dataset.json", ref_dir.parent / "dataset.json", pred_dir / "dataset.json"):
+        if candidate.is_file():
+            try:
+                names = read_label_names(candidate)
+            except EvaluationError as exc:
+                warnings.warn(f"class names not used: {exc}", stacklevel=3)
+                return {}, None
+            if names:
+                return names, str(candidate)
+    return {}, None
 
 
 def _label_values(arr: np.ndarray) -> np.ndarray:
@@ -532,6 +830,9 @@ def evaluate_folders(
     allow_missing: bool = False,
     file_ending: str = ".nii.gz",
     progress: bool = True,
+    resample_to_reference: bool = False,
+    dataset_json: str | os.PathLike[str] | None = None,
+    nsd_tolerance: float | None = None,
 ) -> EvaluationResult:
     """Evaluate every reference case in ``ref_dir`` against the same-named prediction in ``pred_dir``.
 
@@ -539,13 +840,22 @@ def evaluate_folders(
     references. ``units="voxel"`` uses spacing 1 (what the semi-supervised literature reports); ``"mm"`` uses
     the reference header spacing. All inputs are validated before any metric is computed, so a bad folder
     fails in seconds rather than after a long run: missing predictions (unless ``allow_missing``, which skips
-    and reports them), shape mismatches, label values outside ``labels`` (when given) and non-integer label
-    maps raise :class:`EvaluationError`. Predictions without a reference are ignored and listed.
+    and reports them), predictions off the reference grid (size, spacing, origin or direction; unless
+    ``resample_to_reference``, which resamples them with nearest neighbour and reports them), label values outside
+    ``labels`` (when given) and non-integer label maps raise :class:`EvaluationError`. Predictions without a
+    reference are ignored and listed. Class names come from ``dataset_json`` or a dataset.json found beside the
+    folders (see :func:`_find_label_names`). ``nsd_tolerance`` (mm) adds normalised surface Dice, always measured
+    with the header spacing.
     """
     if units not in ("voxel", "mm"):
         raise EvaluationError(f"units must be 'voxel' or 'mm', got {units!r}")
     if not file_ending:
         raise EvaluationError("file_ending must not be empty (e.g. '.nii.gz')")
+    if nsd_tolerance is not None:
+        try:
+            nsd_tolerance = _check_tolerance(nsd_tolerance)
+        except ValueError as exc:
+            raise EvaluationError(f"{exc} (--nsd-tolerance is in mm)") from exc
     explicit_labels = labels is not None
     if labels is not None:
         labels = [int(label) for label in labels]
@@ -557,6 +867,7 @@ def evaluate_folders(
             raise EvaluationError(f"labels contains duplicates: {labels}")
 
     ref_dir, pred_dir = Path(ref_dir), Path(pred_dir)
+    label_names, names_source = _find_label_names(dataset_json, ref_dir, pred_dir)
     refs = _list_cases(ref_dir, file_ending, "reference")
     preds = _list_cases(pred_dir, file_ending, "prediction")
 
@@ -574,22 +885,34 @@ def evaluate_folders(
             "check that the folders and file names match"
         )
 
-    # Validation pass 1: headers only.
-    spacings: dict[str, tuple[float, ...]] = {}
+    # Validation pass 1: headers only. Every prediction must lie on its reference's physical grid.
+    grids: dict[str, _Header] = {}
+    to_resample: dict[str, list[str]] = {}
     problems: list[str] = []
     for case in cases:
-        ref_shape, ref_spacing = _read_header(refs[case])
-        pred_shape, pred_spacing = _read_header(preds[case])
-        spacings[case] = ref_spacing
-        if ref_shape != pred_shape:
-            problems.append(f"{preds[case]} has shape {pred_shape} but reference {refs[case]} has {ref_shape}")
-        elif not np.allclose(ref_spacing, pred_spacing, rtol=1e-3, atol=1e-5):
-            warnings.warn(
-                f"{preds[case]} has spacing {pred_spacing} but its reference has {ref_spacing}; "
-                "the reference spacing is used",
-                stacklevel=2,
-            )
-    _raise_problems(problems, "Predictions must be on the reference grid (resample them back to the reference).")
+        ref_header, pred_header = _read_header(refs[case]), _read_header(preds[case])
+        grids[case] = ref_header
+        differs = _geometry_differences(pred_header, ref_header)
+        if not differs:
+            continue
+        resamplable = not {"dimensionality", "values per voxel"} & set(differs)
+        if resample_to_reference and resamplable:
+            to_resample[case] = differs
+            continue
+        problems.append(
+            f"case '{case}': prediction {preds[case]} is not on the grid of reference {refs[case]} "
+            f"(different {', '.join(differs)}):\n"
+            f"    prediction: {pred_header.describe()}\n"
+            f"    reference:  {ref_header.describe()}"
+        )
+    _raise_problems(
+        problems,
+        "A prediction must have its reference's size, spacing, origin and direction (tolerances: spacing "
+        f"{SPACING_RTOL:g} relative, origin {ORIGIN_TOL_VOXELS:g} voxel, direction {DIRECTION_ATOL:g}), or "
+        "Dice compares voxels that are not the same place. Check that each prediction was made from its reference's "
+        "image and written with that image's header; or pass --resample-to-reference (resample_to_reference=True) to "
+        "resample the predictions onto the reference grid with nearest neighbour.",
+    )
 
     # Validation pass 2: label values (arrays are read again below rather than kept, to bound memory).
     ref_values: dict[str, set[int]] = {}
@@ -620,9 +943,21 @@ def evaluate_folders(
     from tqdm import tqdm
 
     rows: list[CaseRow] = []
+    resampled: list[Resampled] = []
     for case in tqdm(cases, desc="evaluating", unit="case", disable=None if progress else True):
-        spacing = spacings[case] if units == "mm" else None
-        per_label = case_metrics(_read_array(preds[case]), _read_array(refs[case]), eval_labels, spacing)
+        grid = grids[case]
+        pred, note = _read_prediction(preds[case], case, grid, to_resample.get(case, ()))
+        if note is not None:
+            resampled.append(note)
+        spacing = grid.numpy_spacing if units == "mm" else None
+        per_label = case_metrics(
+            pred,
+            _read_array(refs[case]),
+            eval_labels,
+            spacing,
+            nsd_tolerance=nsd_tolerance,
+            nsd_spacing=grid.numpy_spacing,
+        )
         for label, values in per_label.items():
             rows.append(
                 CaseRow(
@@ -631,6 +966,17 @@ def evaluate_folders(
                     **{m: float(values[m]) for m in METRICS},
                     n_ref=int(values["n_ref"]),
                     n_pred=int(values["n_pred"]),
+                    nsd=float(values.get(NSD, math.nan)),
                 )
             )
-    return EvaluationResult.from_rows(rows, eval_labels, units, missing=missing, unmatched_predictions=unmatched)
+    return EvaluationResult.from_rows(
+        rows,
+        eval_labels,
+        units,
+        missing=missing,
+        unmatched_predictions=unmatched,
+        label_names=label_names,
+        label_names_source=names_source,
+        resampled=resampled,
+        nsd_tolerance=nsd_tolerance,
+    )

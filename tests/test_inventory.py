@@ -521,3 +521,90 @@ def test_multi_member_gzip_is_not_mistaken_for_truncation(raw: Path) -> None:
     data = gzip.decompress(img(raw, c).read_bytes())
     img(raw, c).write_bytes(gzip.compress(data[:1000]) + gzip.compress(data[1000:]))
     build(raw, allow_empty_unlabeled=True)
+
+
+# ---------------------------------------------------------------------------------------------- issue 14 s.6
+
+
+def test_label_values_with_a_gap_are_refused(raw: Path) -> None:
+    """{0, 1, 2, 5} with a 5 in a label passed prepare, and training crashed with 'index 5 is out of bounds'."""
+    labels = {"background": 0, "Anterior": 1, "Posterior": 2, "Tail": 5}
+    rewrite_dataset_json(raw, labels=labels)
+    c = case_ids(raw)[0]
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(lab(raw, c))))
+    arr[0, 0, 0] = 5
+    _copy_geometry_to(lab(raw, c), arr, lab(raw, c))
+    msg = build_error(raw, allow_empty_unlabeled=True)
+    assert "label values must be consecutive, 0, 1, 2, ..." in msg and "'index 5 is out of bounds'" in msg
+    assert "'Tail': 5" in msg and "which skips 3, 4" in msg and "renumber ('Tail': 5 -> 3)" in msg
+    assert "in every label file" in msg
+
+    # Renumbered, the same dataset is accepted; regions count their member labels, 'ignore' must come last.
+    _copy_geometry_to(lab(raw, c), np.where(arr == 5, 3, arr).astype(arr.dtype), lab(raw, c))
+    rewrite_dataset_json(raw, labels={**labels, "Tail": 3})
+    build(raw, allow_empty_unlabeled=True)
+    rewrite_dataset_json(raw, labels={"background": 0, "whole": [1, 2, 3], "core": [2, 3], "ignore": 4})
+    build(raw, allow_empty_unlabeled=True)
+    rewrite_dataset_json(raw, labels={"background": 0, "ignore": 1, "Anterior": 2, "Posterior": 3})
+    msg = build_error(raw, allow_empty_unlabeled=True)
+    assert "which skips 1; renumber ('Anterior': 2 -> 1, 'Posterior': 3 -> 2)" in msg
+    assert "the 'ignore' label has value 1" in msg and 'set "ignore": 3' in msg
+    rewrite_dataset_json(raw, labels={"Anterior": 1, "Posterior": 2})
+    assert "'labels' has no value 0" in build_error(raw, allow_empty_unlabeled=True)
+
+
+def test_float_label_that_is_not_an_integer_is_named_as_such(raw: Path) -> None:
+    """1.0000001 was reported as "value 1 not declared"; it is a non-integer, shown as stored."""
+    c = case_ids(raw)[7]
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(lab(raw, c)))).astype(np.float32)
+    _copy_geometry_to(lab(raw, c), arr, lab(raw, c))
+    build(raw, allow_empty_unlabeled=True)  # whole numbers stored as float are fine
+    arr[arr == 1] = np.float32(1.0000001)
+    _copy_geometry_to(lab(raw, c), arr, lab(raw, c))
+    msg = build_error(raw, allow_empty_unlabeled=True)
+    assert f"label labelsTr/{c}.nii.gz contains value(s) that are not integers: 1.0000001 (stored as float32)" in msg
+    assert "not declared" not in msg and "round them" in msg
+
+
+def test_labelled_list_with_byte_order_mark(raw: Path, tmp_path: Path) -> None:
+    """A list saved by a Windows editor began with '\\ufeffhippocampus_001', an unknown case."""
+    ids = case_ids(raw)[:3]
+    p = tmp_path / "labeled.txt"
+    p.write_text("\n".join(ids) + "\n", encoding="utf-8-sig")
+    assert p.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_labeled_list(p) == ids
+    assert build(raw, labeled_ids=read_labeled_list(p)).labeled_ids == ids
+    p.write_text("\n".join(ids) + "\n", encoding="utf-16")  # PowerShell's `>`
+    assert read_labeled_list(p) == ids
+    p.write_bytes("\ufeff{}\n\ufeff{}\n".format(*ids[:2]).encode())  # two lists joined with cat
+    assert read_labeled_list(p) == ids[:2]
+
+
+def test_dangling_symlinks_are_named(raw: Path, tmp_path: Path) -> None:
+    """A link that leads nowhere was skipped without a word (its case silently dropped); now it is an error."""
+    ids = case_ids(raw)
+    moved = make_unlabeled(raw, 2)
+    gone = tmp_path / "unmounted"
+    links = [
+        img(raw, ids[0]),  # labelled image
+        raw / "imagesUnlabeled" / f"{moved[0]}_0000.nii.gz",  # unlabelled image: the pool would shrink silently
+        lab(raw, ids[1]),  # label of a labelled case
+    ]
+    originals = {link: link.read_bytes() for link in links}
+    for link in links:
+        link.unlink()
+        link.symlink_to(gone / link.name)
+    msg = build_error(raw)
+    assert "3 problems found" in msg
+    for link, what in zip(links, ("image", "image", "label")):
+        rel = link.relative_to(raw).as_posix()
+        assert f"{rel} is a symbolic link to {gone / link.name}, which does not exist" in msg
+        assert f"so this {what} cannot be read; restore its target or replace the link by the file" in msg
+    assert "has no label file" not in msg and "has no image" not in msg  # the cases are not lost on the way
+
+    # The label of a case that the labelled list leaves unlabelled is never used, dangling or not.
+    for link in links[:2]:
+        link.unlink()
+        link.write_bytes(originals[link])
+    inv = build(raw, labeled_ids=[ids[0], ids[2]])
+    assert ids[1] in inv.unlabeled_ids

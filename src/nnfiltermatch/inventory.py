@@ -11,6 +11,7 @@ is used. This keeps the simulation honest: nothing about a hidden label can leak
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
@@ -176,7 +177,8 @@ def _strip_known_ending(name: str) -> str | None:
 
 
 def read_labeled_list(path: Path, known_ids: Iterable[str] | None = None) -> list[str]:
-    """Read a labelled list (one bare case ID per line; blank lines and ``#`` comments ignored).
+    """Read a labelled list (one bare case ID per line; blank lines and ``#`` comments ignored; UTF-8, or UTF-16
+    with a byte-order mark; a UTF-8 byte-order mark is dropped).
 
     IDs with a file ending (``case.nii.gz``) are always rejected. A channel suffix (``case_0000``) is rejected
     when ``known_ids`` is given and the ID is not itself a case but its stem is; without ``known_ids`` the
@@ -190,14 +192,16 @@ def read_labeled_list(path: Path, known_ids: Iterable[str] | None = None) -> lis
             "case ID per line, or leave the option out to use every imagesTr case as labelled."
         )
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        # Editors on Windows start files with a byte-order mark; it is not part of the first ID.
+        text = data.decode("utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise DataValidationError(f"Labelled list {path} cannot be read as UTF-8 text ({e}).") from e
 
     ids: list[str] = []
     line_of: dict[str, list[int]] = {}
     for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
+        line = raw.strip().lstrip("\ufeff").strip()  # a mark inside: lists joined with cat
         if not line or line.startswith("#"):
             continue
         ids.append(line)
@@ -343,6 +347,8 @@ def _load_dataset_json(raw_dir: Path) -> tuple[dict, int, str, set[int]]:
                     problems.append(f"{dj_path}: label {name!r} has value {v!r}; label values must be integers >= 0")
                 else:
                     allowed.add(v)
+        if not problems:
+            problems += _label_numbering_problems(dj_path, labels)
 
     file_ending = dj.get("file_ending")
     if file_ending is None:
@@ -355,10 +361,69 @@ def _load_dataset_json(raw_dir: Path) -> tuple[dict, int, str, set[int]]:
     return dj, num_channels, file_ending, allowed
 
 
+def _label_numbering_problems(dj_path: Path, labels: Mapping[str, Any]) -> list[str]:
+    """Label values nnU-Net cannot train with, although each is a valid integer.
+
+    nnU-Net needs the values 0, 1, 2, ... without gaps, and an ``ignore`` label (if any) just above them: it sizes its
+    outputs by the number of labels, so a gap passes planning and preprocessing and only training crashes
+    (``index 5 is out of bounds``). Checked here, before hours of preprocessing.
+    """
+    names: dict[int, list[str]] = {}
+    for name, value in labels.items():
+        if name != "ignore":
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                names.setdefault(int(v), []).append(name)
+    ignore = labels.get("ignore")
+    if 0 not in names:
+        return [f"{dj_path}: 'labels' has no value 0; nnU-Net needs the background as 0: add \"background\": 0"]
+    values = sorted(names)
+    problems: list[str] = []
+    if values != list(range(len(values))):
+        missing = sorted(set(range(values[-1])) - set(values))
+        renumber = ", ".join(
+            f"{'/'.join(repr(n) for n in names[v])}: {v} -> {i}" for i, v in enumerate(values) if v != i
+        )
+        declared = ", ".join(f"{'/'.join(repr(n) for n in names[v])}: {v}" for v in values)
+        problems.append(
+            f"{dj_path}: label values must be consecutive, 0, 1, 2, ... (nnU-Net needs it: with a gap, training "
+            f"crashes with 'index {values[-1]} is out of bounds'), but 'labels' declares {declared}, which skips "
+            f"{', '.join(map(str, missing))}; renumber ({renumber}) in dataset.json and in every label file "
+            "(labelsTr/, and the reference labels you evaluate against)"
+        )
+    if isinstance(ignore, int) and not isinstance(ignore, bool) and ignore != len(values):
+        problems.append(
+            f"{dj_path}: the 'ignore' label has value {ignore}, but nnU-Net needs it to be the highest value, just "
+            f'above the others ({len(values)} here); set "ignore": {len(values)} and renumber it in the label files'
+        )
+    return problems
+
+
 def _visible_files(folder: Path) -> list[Path]:
-    """Regular, non-hidden files of a folder (hidden files such as .DS_Store are not data)."""
+    """Non-hidden files of a folder (hidden files such as .DS_Store are not data), dangling symbolic links included.
+
+    A dangling link is not a file, but leaving it out would drop its case (or channel, or label) without a word;
+    ``_dangling_link_problem`` reports it instead.
+    """
     with os.scandir(folder) as it:
-        return sorted(Path(e.path) for e in it if not e.name.startswith(".") and e.is_file())
+        return sorted(
+            Path(e.path)
+            for e in it
+            if not e.name.startswith(".") and (e.is_file() or (e.is_symlink() and not os.path.exists(e.path)))
+        )
+
+
+def _dangling_link_problem(path: Path, raw_dir: Path, what: str) -> str | None:
+    """Why ``path`` cannot be used if it is a symbolic link that leads nowhere (None for an existing file)."""
+    if os.path.exists(path):
+        return None
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return (
+        f"{_rel(path, raw_dir)} is a symbolic link to {target}, which does not exist (a dangling link: moved or "
+        f"unmounted data?), so this {what} cannot be read; restore its target or replace the link by the file"
+    )
 
 
 def _discover_cases(
@@ -376,6 +441,8 @@ def _discover_cases(
                 "rename it or move it out of the folder"
             )
             continue
+        if problem := _dangling_link_problem(f, raw_dir, "image"):
+            problems.append(problem)  # the case is kept, so that no misleading follow-up error names it
         channels.setdefault(m.group("case"), {})[int(m.group("channel"))] = f
 
     span = "_0000" if num_channels == 1 else f"_0000.._{num_channels - 1:04d}"
@@ -474,6 +541,9 @@ def build_inventory(
                         else f", or move its images to {UNLABELED_DIR}/ (or use a labelled list)"
                     )
                 )
+                continue
+            if problem := _dangling_link_problem(labels_tr / label_name, raw_dir, "label"):
+                problems.append(problem)  # only labels of labelled cases: the others are never used
                 continue
             labeled.append(Case(case_id, files, labels_tr / label_name))
         else:
@@ -789,7 +859,19 @@ def _check_contents(inv: DatasetInventory, allowed_labels: set[int], progress: b
             problems.append(f"label {_rel(lab, raw)} has multi-component pixels; labels must be a single integer map")
             continue
         values = np.unique(sitk.GetArrayViewFromImage(label_img))
-        if lab_geom.floating:  # ITK reads NaN as 0: count NaN/inf in the file itself
+        if lab_geom.floating:
+            # 1.0000001 printed as "value 1 not declared": name non-integers as such, in the file's own precision.
+            fractional = values[np.isfinite(values) & (values != np.round(values))]
+            if fractional.size:
+                shown = ", ".join(np.format_float_positional(v, unique=True, trim="-") for v in fractional[:5])
+                more = f" (and {fractional.size - 5} more distinct values)" if fractional.size > 5 else ""
+                problems.append(
+                    f"label {_rel(lab, raw)} contains value(s) that are not integers: {shown}{more} (stored as "
+                    f"{values.dtype}); label maps hold integer label values only: round them (e.g. numpy.rint) and "
+                    "save the label with an integer voxel type (e.g. uint8)"
+                )
+                values = values[~np.isin(values, fractional)]
+            # ITK reads NaN as 0: count NaN/inf in the file itself
             nan, inf = _count_nonfinite(lab, problems, raw)
             values = np.concatenate([values, [np.nan] * bool(nan), [np.inf] * bool(inf)])
         bad = [v for v in values.tolist() if not (float(v).is_integer() and int(v) in allowed_labels)]

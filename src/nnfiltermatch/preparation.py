@@ -13,9 +13,13 @@ import json
 import os
 import pickle
 import shutil
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -73,12 +77,36 @@ def dataset_name_from_id(dataset: str | int) -> str:
         if folder and Path(folder).is_dir():
             candidates.update(p.name for p in Path(folder).iterdir() if p.name.startswith(prefix) and p.is_dir())
     if len(candidates) != 1:
-        where = ", ".join(f"{e}={os.environ.get(e)}" for e in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
-        found = f"found {sorted(candidates)}" if candidates else "found none"
-        raise PreparationError(
-            f"dataset ID {number}: expected exactly one folder {prefix}* ({found}; looked in {where})"
-        )
+        raise PreparationError(_dataset_lookup_error(number, prefix, candidates))
     return candidates.pop()
+
+
+def _dataset_lookup_error(number: int, prefix: str, candidates: set[str]) -> str:
+    """Why ``dataset_name_from_id`` found no single folder, naming unset nnU-Net variables as such (not "=None")."""
+    names = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+    unset = [e for e in names if not os.environ.get(e)]
+    how = "see nnU-Net's documentation/setting_up_paths.md"
+    if len(unset) == len(names):
+        return (
+            f"dataset ID {number}: cannot look for {prefix}*: none of the environment variables nnUNet_raw, "
+            "nnUNet_preprocessed, nnUNet_results is set. nnfiltermatch uses nnU-Net's folders: export all three, e.g. "
+            "`export nnUNet_raw=/data/nnUNet_raw nnUNet_preprocessed=/data/nnUNet_preprocessed "
+            f"nnUNet_results=/data/nnUNet_results` ({how})."
+        )
+    places = []
+    for e in names:
+        value = os.environ.get(e)
+        places.append(
+            f"{e} (not set)" if not value else f"{e}={value}" + ("" if Path(value).is_dir() else " (missing)")
+        )
+    found = f"found {sorted(candidates)}" if candidates else "found none"
+    message = f"dataset ID {number}: expected exactly one folder {prefix}* ({found}; looked in {', '.join(places)})"
+    if unset:
+        message += (
+            f"; {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set: export each to its folder, e.g. "
+            f"`export {unset[0]}=/data/{unset[0]}` ({how})"
+        )
+    return message
 
 
 def preprocessed_root(dataset_name: str) -> Path:
@@ -172,8 +200,87 @@ def add_cpu_configuration(plans: dict, base: str) -> str | None:
     return name
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _die_with_parent(parent_pid: int, initializer: Callable[..., Any] | None = None, initargs: tuple = ()) -> None:
+    """Worker initializer: end this worker as soon as the process that started it dies, even by SIGKILL.
+
+    A spawned worker otherwise waits on its task queue forever (it holds the queue's write end itself), with
+    multiprocessing's resource tracker kept alive by it: a killed ``prepare`` left both running with parent 1, still
+    writing into folders the next ``prepare`` deletes. Linux: the kernel sends SIGKILL (PR_SET_PDEATHSIG); elsewhere a
+    thread polls the parent ID. Then ``initializer(*initargs)``, if one was given.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+class _ParentBoundContext:
+    """A multiprocessing context whose ``Pool`` workers run ``_die_with_parent`` first."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    def Pool(
+        self, processes: int | None = None, initializer: Any = None, initargs: tuple = (), *args: Any, **kw: Any
+    ) -> Any:
+        return self._context.Pool(processes, _die_with_parent, (os.getpid(), initializer, initargs), *args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class _ParentBoundMultiprocessing:
+    """Stands in for the ``multiprocessing`` module inside one nnU-Net module: only ``get_context`` differs."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+
+    def get_context(self, method: str | None = None) -> _ParentBoundContext:
+        return _ParentBoundContext(self._module.get_context(method))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+@contextmanager
+def _workers_die_with_us(module: Any) -> Iterator[None]:
+    """While inside, pools that ``module`` creates with ``multiprocessing.get_context(...).Pool`` get workers that die
+    with this process: nnU-Net's fingerprint extractor starts its own spawn pool and takes no initializer."""
+    original = getattr(module, "multiprocessing", None)
+    if original is None:  # another nnU-Net version: nothing to bind
+        yield
+        return
+    module.multiprocessing = _ParentBoundMultiprocessing(original)
+    try:
+        yield
+    finally:
+        module.multiprocessing = original
+
+
 def _run_parallel(fn: Callable[..., Any], jobs: list[tuple], num_processes: int, desc: str) -> None:
-    """Run ``fn(*job)`` for every job with a progress bar; in-process for one worker (cheaper than spawning)."""
+    """Run ``fn(*job)`` for every job with a progress bar; in-process for one worker (cheaper than spawning).
+
+    The workers die with this process (``_die_with_parent``), so a killed prepare leaves no process behind.
+    """
     if not jobs:
         return
     with tqdm(total=len(jobs), desc=desc, unit="case") as bar:
@@ -182,7 +289,12 @@ def _run_parallel(fn: Callable[..., Any], jobs: list[tuple], num_processes: int,
                 fn(*job)
                 bar.update()
             return
-        with ProcessPoolExecutor(max_workers=num_processes, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            max_workers=num_processes,
+            mp_context=get_context("spawn"),
+            initializer=_die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             for future in [pool.submit(fn, *job) for job in jobs]:
                 future.result()
                 bar.update()
@@ -244,6 +356,7 @@ def _fingerprint_and_plan(
     duration keeps the current preparation untouched until the new one is complete (nnU-Net 2.8 reads its folder
     variables when used). The current plans are copied in first, so nnU-Net keeps custom configurations as usual.
     """
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
@@ -264,7 +377,8 @@ def _fingerprint_and_plan(
         extractor = DatasetFingerprintExtractor(dataset_name, num_processes=max(1, num_processes))
         # nnU-Net has no option to restrict the cases; its constructor lists all of imagesTr, so narrow it here.
         extractor.dataset = labeled
-        extractor.run(overwrite_existing=True)
+        with _workers_die_with_us(fingerprint_extractor):
+            extractor.run(overwrite_existing=True)
 
         planner = ExperimentPlanner(dataset_name, plans_name=plans_name)
         planner.dataset = labeled  # same reason: plan from the labelled cases only
@@ -622,7 +736,12 @@ def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] |
     (with the original labelled list, too) does not re-plan. ``configurations`` None: every preprocessed one;
     others are marked stale (removed from the manifest) and preprocessed again by the next ``prepare -c``.
     """
-    from nnfiltermatch.inventory import DataValidationError, _check_contents, _load_dataset_json
+    from nnfiltermatch.inventory import (
+        DataValidationError,
+        _check_contents,
+        _dangling_link_problem,
+        _load_dataset_json,
+    )
 
     dataset_name = dataset_name_from_id(dataset)
     raw_dir = env_folder("nnUNet_raw") / dataset_name
@@ -647,7 +766,10 @@ def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] |
         for p in files
         if p.stem and p not in labels.values()
     ]
-    if not labels:
+    # A dangling link is not a file either, but skipping it silently would drop a label the user means to add.
+    dangling = [p for p in sorted(labels_dir.iterdir()) if not p.name.startswith(".") and not p.exists()]
+    problems += [str(_dangling_link_problem(p, labels_dir, "label")) for p in dangling]
+    if not labels and not dangling:
         raise PreparationError(f"--add-labels {labels_dir}: no CASE{file_ending} label files in it")
 
     labeled, unlabeled = set(manifest["labeled_ids"]), set(manifest["unlabeled_ids"])

@@ -34,14 +34,23 @@ from nnfiltermatch.preparation import (
     add_labels,
 )
 from nnfiltermatch.query import (
+    EXPORT_FOLDERS,
+    SCORE_TYPES,
+    SELECTION_CSV,
     STATE_KEY,
+    STRATEGIES,
     QueryError,
+    RankedCase,
+    StrategyOptions,
     bounding_box,
     case_score,
+    check_export_target,
     collect_filter_rounds,
     decide_reuse,
     flip_combinations,
+    install_export,
     most_uncertain_slice,
+    random_draw,
     ranking_columns,
     run_query,
 )
@@ -147,6 +156,24 @@ def model(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield trained
 
 
+def shifted_model(model: Model, folder: Path, shift: float) -> Path:
+    """A copy of the model whose background logit is raised by ``shift`` everywhere (the last decoder bias)."""
+    from nnfiltermatch.inference import load_checkpoint_safely
+
+    checkpoint = load_checkpoint_safely(model.model_dir / "fold_all" / "checkpoint_final.pth")
+    bias = max(
+        (k for k in checkpoint["network_weights"] if k.startswith("decoder.seg_layers.") and k.endswith(".bias")),
+        key=lambda k: int(k.split(".")[2]),
+    )
+    checkpoint["network_weights"][bias][0] += shift  # a uniform shift of the background logit
+    shifted = folder / TRAINER_DIR
+    (shifted / "fold_all").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        shutil.copy(model.model_dir / name, shifted)
+    torch.save(checkpoint, shifted / "fold_all" / "checkpoint_final.pth")
+    return shifted
+
+
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
@@ -225,6 +252,60 @@ def test_rounds_from_checkpoint_and_later_round_files(tmp_path: Path) -> None:
     assert [r["epoch"] for r in rounds] == [1, 2] and "seconds" not in rounds[0]  # the checkpoint's round wins
 
 
+def test_strategy_registry_and_seeded_draws() -> None:
+    assert set(SCORE_TYPES) == {"entropy", "margin", "tta-variance"}
+    assert set(STRATEGIES) == {*SCORE_TYPES, "random", "foreground-random"}
+    assert all(STRATEGIES[s].voxel_map == s and STRATEGIES[s].predicts for s in SCORE_TYPES)
+    assert not STRATEGIES["random"].predicts and STRATEGIES["foreground-random"].predicts
+    cases = [f"case_{i:03d}" for i in range(30)]
+
+    def order(seed: int) -> list[str]:
+        return sorted(cases, key=lambda c: -random_draw(seed, c))
+
+    assert order(0) == order(0) and order(0) != order(1) and sorted(order(1)) == cases
+    assert all(0.0 <= random_draw(seed, c) < 1.0 for seed in range(3) for c in cases)
+    options = StrategyOptions(seed=3, min_foreground_ml=0.1)
+    rows = [RankedCase(c, 0.5, "computed", {1: 40 * i, 2: 0}, 0.001) for i, c in enumerate(cases)]  # 0.04 i mL
+    random_spec, foreground_spec = STRATEGIES["random"], STRATEGIES["foreground-random"]
+    kept = [r.case for r in rows if foreground_spec.priority(r, options) is not None]
+    assert kept == cases[3:]  # 0 (no foreground at all), 0.04 and 0.08 mL are not above 0.1 mL
+    for row in rows[3:]:  # the same draw as random: foreground-random is random's order, restricted
+        assert foreground_spec.priority(row, options) == random_spec.priority(row, options) == random_draw(3, row.case)
+    assert STRATEGIES["entropy"].priority(rows[0], options) == 0.5
+    with pytest.raises(ValueError, match="not predicted"):
+        foreground_spec.priority(RankedCase("x", 0.0, "reused"), options)
+
+
+def test_export_folder_refusals_and_replacement(tmp_path: Path) -> None:
+    check_export_target(tmp_path / "new", overwrite=False)  # a new folder, or an empty one, is fine
+    (tmp_path / "empty").mkdir()
+    check_export_target(tmp_path / "empty", overwrite=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(QueryError, match="not a folder"):
+        check_export_target(tmp_path / "file", overwrite=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(QueryError, match="not empty: give a new folder, or add --overwrite"):
+        check_export_target(other, overwrite=False)
+    with pytest.raises(QueryError, match="not an earlier query export"):
+        check_export_target(other, overwrite=True)
+    earlier = tmp_path / "earlier"
+    (earlier / EXPORT_FOLDERS["labels"]).mkdir(parents=True)
+    (earlier / SELECTION_CSV).write_text("old\n")
+    staging = tmp_path / ".earlier.partial-test"
+    staging.mkdir()
+    (staging / SELECTION_CSV).write_text("new\n")
+    assert install_export(staging, earlier, overwrite=True) == earlier
+    assert (earlier / SELECTION_CSV).read_text() == "new\n" and not staging.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "empty", "file", "other"]  # nothing left over
+    (earlier / EXPORT_FOLDERS["labels"]).mkdir()
+    (earlier / EXPORT_FOLDERS["labels"] / "case_001.nii.gz").write_bytes(b"a corrected mask")
+    with pytest.raises(QueryError, match="corrected masks that would be lost"):
+        check_export_target(earlier, overwrite=True)
+    assert (other / "notes.txt").read_text() == "mine"
+
+
 # ----- the query on a real model ----------------------------------------------------------------------------------
 def test_cli_ranking_csv_order_limit_and_pngs(model: Model, capsys: pytest.CaptureFixture[str]) -> None:
     out = model.root / "cli" / "ranking.csv"
@@ -257,20 +338,19 @@ def test_score_types_and_reductions(model: Model) -> None:
     results = {}
     for score, reduce in (("entropy", "mean"), ("margin", "mean"), ("entropy", "topk")):
         result = run_query(
-            model.model_dir, score=score, reduce=reduce, cases=cases, png_top=0, output=model.root / f"{score}.csv"
+            model.model_dir, strategy=score, reduce=reduce, cases=cases, png_top=0, output=model.root / f"{score}.csv"
         )
         assert sorted(r.case for r in result.ranking) == sorted(cases) and not result.pngs
         results[(score, reduce)] = {r.case: r.score for r in result.ranking}
     assert all(0.0 <= s <= 1.0 for s in results[("margin", "mean")].values())
     for case in cases:  # the top 10% of voxels are at least as uncertain as the average voxel
         assert results[("entropy", "topk")][case] >= results[("entropy", "mean")][case]
-    tta = run_query(model.model_dir, score="tta-variance", cases=cases[:1], png_top=1, output=model.root / "t.csv")
+    tta = run_query(model.model_dir, strategy="tta-variance", cases=cases[:1], png_top=1, output=model.root / "t.csv")
     assert 0.0 < tta.ranking[0].score <= 0.25 and len(tta.pngs) == 1  # variance of a probability
 
 
 def test_roi_restricts_the_score_to_the_predicted_foreground(model: Model, tmp_path: Path) -> None:
     """A 2-epoch model predicts foreground everywhere; a background bias keeps only its 0.5% surest voxels."""
-    from nnfiltermatch.inference import load_checkpoint_safely
     from nnfiltermatch.query import load_query_model
     from nnfiltermatch.uncertainty import voxel_entropy
 
@@ -279,17 +359,7 @@ def test_roi_restricts_the_score_to_the_predicted_foreground(model: Model, tmp_p
     data, _ = loaded.load_case(case)
     logits = loaded.predictor.predict_logits_from_preprocessed_data(data).float()
     shift = float(torch.quantile((logits[1:].max(0).values - logits[0]).flatten(), 0.995))
-    checkpoint = load_checkpoint_safely(model.model_dir / "fold_all" / "checkpoint_final.pth")
-    bias = max(
-        (k for k in checkpoint["network_weights"] if k.startswith("decoder.seg_layers.") and k.endswith(".bias")),
-        key=lambda k: int(k.split(".")[2]),
-    )
-    checkpoint["network_weights"][bias][0] += shift  # a uniform shift of the background logit
-    shifted = tmp_path / TRAINER_DIR
-    (shifted / "fold_all").mkdir(parents=True)
-    for name in ("plans.json", "dataset.json"):
-        shutil.copy(model.model_dir / name, shifted)
-    torch.save(checkpoint, shifted / "fold_all" / "checkpoint_final.pth")
+    shifted = shifted_model(model, tmp_path, shift)
 
     whole = run_query(shifted, cases=[case], png_top=0, output=tmp_path / "whole.csv").ranking[0].score
     roi = run_query(shifted, cases=[case], roi=True, roi_margin=0, png_top=0, output=tmp_path / "roi.csv")
@@ -345,9 +415,151 @@ def test_errors_name_the_problem(model: Model, tmp_path: Path, capsys: pytest.Ca
             run_query(model.model_dir, png_top=0, output=tmp_path / "x.csv")
     with pytest.raises(QueryError, match="not unlabelled cases"):
         run_query(model.model_dir, cases=[LABELED[0]], output=tmp_path / "x.csv")
+    with pytest.raises(QueryError, match="--export needs -n N"):
+        run_query(model.model_dir, export=tmp_path / "out")
+    with pytest.raises(QueryError, match="--roi restricts an uncertainty score"):
+        run_query(model.model_dir, strategy="random", roi=True)
+    (tmp_path / "a_file").write_text("x")
+    assert main(["query", "-m", str(model.model_dir), "-n", "2", "--export", str(tmp_path / "a_file")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --add-labels excludes the budget options
         main(["prepare", "-d", "901", "--add-labels", str(tmp_path), "--labeled-fraction", "0.1"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+# ----- strategies and export on the real model --------------------------------------------------------------------
+def test_random_strategies_are_seeded_and_foreground_random_leaves_out_empty_cases(
+    model: Model, tmp_path: Path
+) -> None:
+    import nnfiltermatch.query as query
+
+    def no_prediction(*args: object, **kwargs: object) -> None:
+        raise AssertionError("random must not predict")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(query, "predict_case", no_prediction)
+        first = run_query(model.model_dir, strategy="random", seed=0, png_top=0, output=tmp_path / "r0.csv")
+        again = run_query(model.model_dir, strategy="random", seed=0, png_top=0, output=tmp_path / "r0b.csv")
+        other = run_query(model.model_dir, strategy="random", seed=1, png_top=0, output=tmp_path / "r1.csv")
+    order = [r.case for r in first.ranking]
+    assert sorted(order) == sorted(model.cases) and order == [r.case for r in again.ranking]
+    assert order != [r.case for r in other.ranking]
+    assert order == sorted(model.cases, key=lambda c: -random_draw(0, c))
+    assert {r.source for r in first.ranking} == {"drawn"} and all(r.voxels is None for r in first.ranking)
+    assert (tmp_path / "r0.csv").read_text() == (tmp_path / "r0b.csv").read_text()
+
+    cases = model.cases[:4]
+    everything = run_query(
+        model.model_dir, strategy="foreground-random", min_foreground_ml=0.0, cases=cases, png_top=1,
+        output=tmp_path / "f.csv",
+    )  # fmt: skip
+    assert not everything.excluded and [r.case for r in everything.ranking] == [c for c in order if c in cases]
+    volumes = {r.case: r.foreground_ml for r in everything.ranking}
+    assert all(v is not None and v > 0 for v in volumes.values()) and len(everything.pngs) == 1
+    threshold = sorted(volumes.values())[1]  # at least the two smallest predicted volumes are left out
+    part = run_query(
+        model.model_dir, strategy="foreground-random", min_foreground_ml=threshold, cases=cases, png_top=0,
+        output=tmp_path / "p.csv",
+    )  # fmt: skip
+    assert part.excluded == sorted(c for c, v in volumes.items() if v <= threshold) and len(part.excluded) >= 2
+    assert [r.case for r in part.ranking] == [c for c in order if c in cases and c not in part.excluded]
+
+    empty = shifted_model(model, tmp_path, 100.0)  # the background logit far above the others: nothing predicted
+    nothing = run_query(
+        empty, strategy="foreground-random", min_foreground_ml=0.0, cases=cases[:2], png_top=0,
+        output=tmp_path / "e.csv",
+    )  # fmt: skip
+    assert nothing.ranking == [] and nothing.excluded == sorted(cases[:2])
+    assert run_query(empty, strategy="entropy", cases=cases[:1], png_top=0, output=tmp_path / "u.csv").ranking
+    with pytest.raises(QueryError, match="nothing to export"):
+        run_query(
+            empty, strategy="foreground-random", cases=cases[:1], top_n=1, export=tmp_path / "x",
+            output=tmp_path / "e2.csv",
+        )  # fmt: skip
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+
+
+def test_export_a_round_for_the_annotators_and_add_its_labels(
+    model: Model, prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import SimpleITK as sitk
+
+    from nnfiltermatch.inference import predict_folder
+
+    out = tmp_path / "round1"
+    ranking_csv = tmp_path / "ranking.csv"
+    args = ["query", "-m", str(model.model_dir), "-n", "3", "-o", str(ranking_csv), "--export", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert f"Exported 3 case(s) for annotation to {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranking.csv", "round1"]  # the staging folder was renamed
+    ranking, selection = _read_csv(ranking_csv), _read_csv(out / SELECTION_CSV)
+    assert [(r["rank"], r["case"], r["score"]) for r in selection] == [
+        (r["rank"], r["case"], r["score"]) for r in ranking[:3]
+    ]
+    for row in selection:
+        assert row["strategy"] == "entropy"
+        assert row["reason"].startswith(f"rank {row['rank']} of {N_UNLABELED} by entropy: per-case mean = ")
+    raw_images = model.root / "raw" / DATASET / "imagesTr"
+    for row in selection:
+        case = row["case"]
+        image = out / row["images"]
+        assert row["images"] == f"images/{case}_0000.nii.gz" and not image.is_symlink()
+        assert image.read_bytes() == (raw_images / image.name).read_bytes()
+        assert row["original_images"] == str(raw_images / image.name)
+        assert row["png"] == f"png/{int(row['rank']):03d}_{case}.png" and (out / row["png"]).stat().st_size > 10_000
+        assert row["preannotation"] == f"preannotations/{case}.nii.gz"
+        assert row["save_label_as"] == f"labelsTr/{case}.nii.gz"
+        reference, pre = sitk.ReadImage(str(image)), sitk.ReadImage(str(out / row["preannotation"]))
+        assert pre.GetSize() == reference.GetSize()
+        assert np.allclose(pre.GetSpacing(), reference.GetSpacing())
+        assert np.allclose(pre.GetOrigin(), reference.GetOrigin())
+        assert np.allclose(pre.GetDirection(), reference.GetDirection())
+        values = set(np.unique(sitk.GetArrayFromImage(pre)).tolist())
+        assert values <= {0, 1, 2} and values & {1, 2}
+    assert len(list((out / "png").iterdir())) == 3 and list((out / "labelsTr").iterdir()) == []
+    readme = (out / "README.txt").read_text()
+    assert f"nnfiltermatch prepare -d {DATASET} --add-labels {out.resolve() / 'labelsTr'}" in readme
+    assert "ITK-SNAP" in readme and "0 background, 1 Anterior, 2 Posterior" in readme
+    assert f"nnfiltermatch train -d {DATASET} -c {CONFIG} -f all --mode filtermatch" in readme
+
+    # the pre-annotation is what nnU-Net's own predict path writes with the query's settings (no mirroring, tile 1)
+    first = selection[0]["case"]
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(out / "images" / f"{first}_0000.nii.gz", single)
+    predicted = predict_folder(single, tmp_path / "predicted", model.model_dir, mirroring=False, step_size=1.0)
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "preannotations" / f"{first}.nii.gz")))
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(predicted[0])))
+    assert ours.shape == theirs.shape and (ours == theirs).mean() > 0.999
+
+    # an existing export is refused without --overwrite and replaced with it
+    assert main(args) == 2 and "exists and is not empty" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--strategy", "random", "--seed", "5"]) == 0
+    capsys.readouterr()
+    picked = _read_csv(out / SELECTION_CSV)
+    assert [r["case"] for r in picked] == sorted(model.cases, key=lambda c: -random_draw(5, c))[:3]
+    assert all("random draw" in r["reason"] and (out / r["preannotation"]).is_file() for r in picked)
+    assert len(list((out / "images").iterdir())) == 3 and len(list((out / "png").iterdir())) == 3
+
+    # the annotators' round trip, on a fresh copy of the tree: pre-annotations saved as labels are accepted
+    root = tmp_path / "tree"
+    root.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in nnunet_env(root).items():
+            mp.setenv(key, value)
+        assert small_prepared_tree(prepared, root, N_UNLABELED) == model.cases
+        for row in picked:
+            shutil.copy(out / row["preannotation"], out / row["save_label_as"])
+        assert main(["prepare", "-d", "901", "--add-labels", str(out / "labelsTr")]) == 0, capsys.readouterr().err
+        manifest = json.loads((root / "preprocessed" / DATASET / MANIFEST_NAME).read_text())
+    cases = sorted(r["case"] for r in picked)
+    assert manifest["labeled_ids"] == sorted([*LABELED, *cases])
+    assert not set(cases) & set(manifest["unlabeled_ids"])
+    for case in cases:
+        added = root / "raw" / DATASET / "labelsTr" / f"{case}.nii.gz"
+        assert added.read_bytes() == (out / "labelsTr" / f"{case}.nii.gz").read_bytes()
+    # replacing the export now would lose the corrected masks: refused
+    assert main([*args, "--overwrite"]) == 2 and "corrected masks" in capsys.readouterr().err
 
 
 # ----- prepare --add-labels ---------------------------------------------------------------------------------------

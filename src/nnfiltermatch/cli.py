@@ -481,10 +481,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _add_query(sub: argparse._SubParsersAction) -> None:
-    from nnfiltermatch.query import DEFAULT_PNG_TOP, REDUCTIONS, REUSE_POLICIES, SCORE_TYPES
+    from nnfiltermatch.query import (
+        DEFAULT_MIN_FOREGROUND_ML,
+        DEFAULT_PNG_TOP,
+        DEFAULT_SEED,
+        REDUCTIONS,
+        REUSE_POLICIES,
+        STRATEGIES,
+    )
 
     p = sub.add_parser(
-        "query", help="active learning: rank the unlabelled cases by the model's uncertainty (annotate the top ones)"
+        "query",
+        help="active learning: rank the unlabelled cases (uncertainty or a random baseline) and export the top ones "
+        "for annotation",
     )
     p.add_argument("-m", "--model-dir", type=Path, help="trained model folder (plans.json, fold_X/)")
     p.add_argument("-d", "--dataset", help="dataset ID or name: with -c and --mode, finds the folder train wrote")
@@ -493,8 +502,29 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--plans", default=None, help="plans name (default nnUNetPlans)")
     p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: found); reuse needs one fold")
     _add_checkpoint(p)
-    p.add_argument("-n", "--top", type=int, help="list only the N most uncertain cases")
-    p.add_argument("--score", choices=SCORE_TYPES, default="entropy", help="voxel uncertainty (default entropy)")
+    p.add_argument("-n", "--top", type=int, help="list only the N first picks (with --export: the N exported)")
+    p.add_argument(
+        "--strategy",
+        "--score",
+        dest="strategy",
+        choices=STRATEGIES,
+        default="entropy",
+        metavar="NAME",
+        help="how to pick: "
+        + "; ".join(f"{name}: {spec.summary}" for name, spec in STRATEGIES.items())
+        + " (default entropy)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help=f"seed of the random strategies (default {DEFAULT_SEED})"
+    )
+    p.add_argument(
+        "--min-foreground-ml",
+        type=float,
+        default=DEFAULT_MIN_FOREGROUND_ML,
+        metavar="ML",
+        help="foreground-random: leave out cases whose predicted foreground (all labels) is at most this many mL "
+        f"(default {DEFAULT_MIN_FOREGROUND_ML:g})",
+    )
     p.add_argument("--reduce", choices=REDUCTIONS, default="mean", help="per-case reduction (default mean)")
     p.add_argument("--topk-fraction", type=float, default=0.1, help="fraction of voxels for --reduce topk")
     p.add_argument("--roi", action="store_true", help="score inside the predicted foreground's bounding box only")
@@ -506,16 +536,24 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="auto: reuse the last filter round's scores when they are what this query computes (default)",
     )
-    p.add_argument("-o", "--output", type=Path, help="ranking CSV (default MODEL_DIR/query_ranking_<score>.csv)")
+    p.add_argument("-o", "--output", type=Path, help="ranking CSV (default MODEL_DIR/query_ranking_<strategy>.csv)")
     p.add_argument("--png-dir", type=Path, help="folder for the top cases' PNGs (default beside the CSV)")
     p.add_argument(
         "--png-top", type=int, default=DEFAULT_PNG_TOP, help=f"PNGs for the N top cases (default {DEFAULT_PNG_TOP})"
     )
+    p.add_argument(
+        "--export",
+        type=Path,
+        metavar="DIR",
+        help="write the -n top cases for annotation into DIR: images (copied), the model's segmentation as a "
+        "pre-annotation in each image's geometry, PNGs, selection.csv (why each case) and README.txt (next steps)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier --export DIR")
     _add_device(p)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from nnfiltermatch.query import QueryError, format_ranking, run_query
+    from nnfiltermatch.query import EXPORT_FOLDERS, STRATEGIES, QueryError, format_ranking, run_query
 
     model_dir = _model_dir_from_args(args, QueryError)
     result = run_query(
@@ -523,7 +561,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         folds=args.folds,
         checkpoint=args.checkpoint,
         device=args.device or _default_device(),
-        score=args.score,
+        strategy=args.strategy,
         reduce=args.reduce,
         topk_fraction=args.topk_fraction,
         roi=args.roi,
@@ -534,20 +572,41 @@ def cmd_query(args: argparse.Namespace) -> int:
         output=args.output,
         png_dir=args.png_dir,
         png_top=args.png_top,
+        seed=args.seed,
+        min_foreground_ml=args.min_foreground_ml,
+        export=args.export,
+        overwrite=args.overwrite,
     )
+    spec = STRATEGIES[result.strategy]
     reused, computed = result.n_reused, len(result.ranking) - result.n_reused
-    if result.decision.reused:
+    if spec.voxel_map is None:
+        print(f"Order drawn with seed {result.seed} ({result.strategy}: {spec.summary}).")
+    elif result.decision.reused:
         print(
             f"Scores reused for {len(result.decision.scores)} case(s) ({result.decision.reason}); the others computed."
         )
     else:
         print(f"Scores computed (not reused: {result.decision.reason}).")
+    if result.excluded:
+        shown = ", ".join(result.excluded[:8]) + (" ..." if len(result.excluded) > 8 else "")
+        print(
+            f"Left out {len(result.excluded)} case(s) whose predicted foreground is at most {args.min_foreground_ml:g} "
+            f"mL: {shown}"
+        )
     print(format_ranking(result))
+    how = f"{result.strategy} ({result.reduce})" if spec.voxel_map else f"{result.strategy} (seed {result.seed})"
+    counts = f"listed: {reused} reused, {computed} computed" if spec.voxel_map else f"listed: {len(result.ranking)}"
     print(
-        f"Ranked {result.total_cases} unlabelled case(s) by {result.score} ({result.reduce}) in {result.seconds:.1f} s "
-        f"(listed: {reused} reused, {computed} computed); wrote {result.csv_path}"
-        + (f" and {len(result.pngs)} PNG(s) to {result.pngs[0].parent}" if result.pngs else "")
+        f"Ranked {result.total_cases} unlabelled case(s) by {how} in {result.seconds:.1f} s ({counts}); wrote "
+        f"{result.csv_path}" + (f" and {len(result.pngs)} PNG(s) to {result.pngs[0].parent}" if result.pngs else "")
     )
+    if result.export_dir is not None:
+        n = len(result.ranking)
+        print(
+            f"Exported {n} case(s) for annotation to {result.export_dir}: correct the pre-annotations, save them in "
+            f"{result.export_dir / EXPORT_FOLDERS['labels']}, then `nnfiltermatch prepare --add-labels` "
+            "(its README.txt has the commands)"
+        )
     return 0
 
 

@@ -1,16 +1,25 @@
-"""Active learning: which unlabelled cases should be annotated next, ranked by the trained model's uncertainty.
+"""Active learning: which unlabelled cases should be annotated next, and a folder for the annotators.
 
 nnFilterMatch's filter keeps the uncertain cases for training but never tells the user which ones to label. This
 module scores every case of the preprocessed unlabelled folder (``imagesUnlabeled`` and, in a label-budget
 simulation, the unlabelled ``imagesTr`` cases) with nnU-Net's sliding-window predictor, exactly as the filter does
-(no mirroring, the filter's tile step, the same per-case reduction), and writes a ranking: most uncertain first.
+(no mirroring, the filter's tile step, the same per-case reduction), and writes a ranking: first pick first.
 
-Scores (voxel maps, reduced per case by :func:`nnfiltermatch.uncertainty.reduce_case_score`):
+Strategies (:data:`STRATEGIES`, name -> :class:`Strategy`; a new one is one entry). Uncertainty strategies rank by
+a voxel map reduced per case by :func:`nnfiltermatch.uncertainty.reduce_case_score`:
 
 * ``entropy``: Shannon entropy of the softmax (the filter's score; the strongest simple choice in the literature);
 * ``margin``: ``1 - (p1 - p2)`` of the two most likely classes;
 * ``tta-variance``: variance of the softmax over the test-time flips (every combination of the predictor's mirror
   axes, the identity included), averaged over classes. It costs one prediction per flip (8 for 3D).
+
+The baselines an uncertainty ranking has to beat (nnActive, TMLR 2025: none of the query methods it tested beat
+foreground-aware random selection reliably) order the cases by a seeded draw instead (:func:`random_draw`):
+
+* ``random``: every case, in random order; needs no prediction;
+* ``foreground-random``: only the cases whose predicted foreground exceeds ``min_foreground_ml``, in the same random
+  order. nnActive's foreground-aware baseline samples patches around the *true* foreground, an oracle a real
+  annotation round does not have; per case and from the model's prediction is the version a user can run.
 
 ``--roi`` restricts the map to the bounding box of the predicted foreground plus a margin, so a small structure in
 a large, easy background is not drowned out; the whole image is used when nothing is predicted.
@@ -20,17 +29,26 @@ completed epochs; nnU-Net stores ``current_epoch`` = completed epochs in every c
 epoch equals the checkpoint's ``current_epoch`` and the round scored the same way (entropy, same reduction, no
 mirroring, same tile step, with the student network that the checkpoint holds, not an EMA teacher), its scores
 are exactly what a new computation would give, and they are reused. :func:`decide_reuse` spells this out.
+
+Export (``--export DIR``): the top N cases' images (copied: annotators move folders), the model's segmentation as a
+pre-annotation in each image's own geometry (nnU-Net's ``export_prediction_from_logits``, the path ``predict``
+writes through: resampling, un-cropping and the image's header are nnU-Net's), the PNGs, ``selection.csv`` (why
+each case was picked) and a README.txt with the next steps. DIR appears complete or not at all (written under a
+temporary name, then renamed).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
 import math
+import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,13 +62,18 @@ from nnfiltermatch.uncertainty import margin_map, reduce_case_score, voxel_entro
 if TYPE_CHECKING:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-SCORE_TYPES: tuple[str, ...] = ("entropy", "margin", "tta-variance")
 REDUCTIONS: tuple[str, ...] = ("mean", "topk")
 REUSE_POLICIES: tuple[str, ...] = ("auto", "never")
 DEFAULT_STEP_SIZE = 0.5  # nnU-Net's, for models without a recorded filter tile step
 DEFAULT_PNG_TOP = 5
 FILTER_DIRNAME = "filter_rounds"  # as the trainer writes it (kept here so query does not import the trainer)
 STATE_KEY = "nnfiltermatch_state"
+DEFAULT_SEED = 0
+DEFAULT_MIN_FOREGROUND_ML = 0.1  # below this, a predicted "structure" is a few stray voxels, not something to draw
+DISPLAY_MAP = "entropy"  # the voxel map shown (and predicted) for strategies that rank without one
+SELECTION_CSV = "selection.csv"
+EXPORT_README = "README.txt"
+EXPORT_FOLDERS = {"images": "images", "preannotations": "preannotations", "png": "png", "labels": "labelsTr"}
 
 
 class QueryError(ValueError):
@@ -261,6 +284,12 @@ class QueryModel:
         data = torch.from_numpy(np.ascontiguousarray(dataset.load_data(case_id), dtype=np.float32))
         return data, dataset.load_properties(case_id)
 
+    def load_properties(self, case_id: str) -> dict[str, Any]:
+        """nnU-Net's preprocessing record of the case (crop box, spacing, image header): what its export needs."""
+        from nnfiltermatch.unlabeled import UnlabeledDataset
+
+        return UnlabeledDataset(str(self.unlabeled_dir), [case_id]).load_properties(case_id)
+
     def voxel_volume_ml(self, properties: Mapping[str, Any], spatial_ndim: int) -> float:
         """Volume of one preprocessed voxel in mL (2D configurations: the through-plane spacing is not resampled)."""
         spacing = list(self.predictor.configuration_manager.spacing)
@@ -348,10 +377,12 @@ def _check_same_preprocessing(model_plans: dict, prepared_plans: dict, configura
 # ----- prediction -------------------------------------------------------------------------------------------------
 @dataclass
 class CasePrediction:
-    """Mean class probabilities, and for test-time augmentation the voxel variance map over the flips."""
+    """Mean class probabilities and the logits an export starts from; with test-time augmentation also the voxel
+    variance over the flips, and logits averaged over the flips (nnU-Net's mirroring averages logits too)."""
 
     probs: torch.Tensor
     tta_variance: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
     @property
     def segmentation(self) -> torch.Tensor:
@@ -367,37 +398,146 @@ def flip_combinations(mirror_axes: Iterable[int] | None) -> list[tuple[int, ...]
 def predict_case(predictor: Any, data: torch.Tensor, tta: bool = False) -> CasePrediction:
     """Softmax of nnU-Net's sliding-window logits (folds averaged as nnU-Net does), optionally per test-time flip."""
     if not tta:
-        logits = predictor.predict_logits_from_preprocessed_data(data)
-        return CasePrediction(torch.softmax(logits.float(), dim=0))
+        logits = predictor.predict_logits_from_preprocessed_data(data).float()
+        return CasePrediction(torch.softmax(logits, dim=0), logits=logits)
     combos = flip_combinations(predictor.allowed_mirroring_axes)
     if len(combos) < 2:
         raise QueryError("tta-variance needs mirror axes, and this model allows none (its plan disables mirroring)")
     # mirror axes count the patch's spatial axes; a 2D model's data has one more (the slice axis) in front
     offset = 1 + (data.ndim - 1 - len(predictor.configuration_manager.patch_size))
-    total = squares = None
+    total = squares = logit_sum = None
     for combo in combos:
         dims = [a + offset for a in combo]
         view = torch.flip(data, dims) if dims else data
-        probs = torch.softmax(predictor.predict_logits_from_preprocessed_data(view).float(), dim=0)
+        logits = predictor.predict_logits_from_preprocessed_data(view).float()
         if dims:
-            probs = torch.flip(probs, dims)
+            logits = torch.flip(logits, dims)
+        probs = torch.softmax(logits, dim=0)
         total = probs if total is None else total + probs
         squares = probs * probs if squares is None else squares + probs * probs
-    assert total is not None and squares is not None
+        logit_sum = logits if logit_sum is None else logit_sum + logits
+    assert total is not None and squares is not None and logit_sum is not None
     mean = total / len(combos)
     variance = (squares / len(combos) - mean * mean).clamp_min(0.0).mean(dim=0)
-    return CasePrediction(mean, variance)
+    return CasePrediction(mean, variance, logit_sum / len(combos))
 
 
 # ----- the ranking ------------------------------------------------------------------------------------------------
 @dataclass
 class RankedCase:
     case: str
-    score: float
-    source: str  # "computed" or "reused"
+    score: float  # what the ranking sorts by, highest first: the case's uncertainty, or a strategy's random draw
+    source: str  # "computed", "reused" (from a filter round) or "drawn" (a random strategy's draw)
     voxels: dict[int, int] | None = None  # foreground label -> predicted voxels (None: not predicted)
     voxel_ml: float | None = None
     rank: int = 0
+
+    @property
+    def foreground_ml(self) -> float | None:
+        """Predicted foreground of all labels together in mL; None when the case was not predicted."""
+        if self.voxels is None or self.voxel_ml is None:
+            return None
+        return sum(self.voxels.values()) * self.voxel_ml
+
+
+# ----- strategies -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StrategyOptions:
+    """Every setting a strategy may read, in one object: a new strategy needs an entry, not new plumbing."""
+
+    seed: int = DEFAULT_SEED
+    min_foreground_ml: float = DEFAULT_MIN_FOREGROUND_ML
+    reduce: str = "mean"
+    roi: bool = False
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How a strategy orders the pool: what must be predicted first, each case's priority (highest first; None
+    leaves the case out of the ranking) and the words for why a case was picked."""
+
+    summary: str
+    voxel_map: str | None  # the uncertainty map reduced per case (see uncertainty_map); None: ranks by a draw
+    predicts: bool  # every case is predicted first (for its uncertainty or its predicted foreground)
+    priority: Callable[[RankedCase, StrategyOptions], float | None]
+    explain: Callable[[RankedCase, StrategyOptions], str]
+
+    @property
+    def shown_map(self) -> str:
+        """The voxel map the PNGs show (and score_cases computes): a random strategy shows the entropy."""
+        return self.voxel_map or DISPLAY_MAP
+
+
+def random_draw(seed: int, case: str) -> float:
+    """A uniform number in [0, 1) fixed by the seed and the case ID alone.
+
+    Why a hash rather than a generator stepping through the pool: a case keeps its draw whatever else is in the
+    pool, so a random ranking is reproducible across machines and Python versions, a ``--cases`` subset ranks as
+    in the full pool, and foreground-random picks exactly random's order restricted to its eligible cases.
+    """
+    digest = hashlib.sha256(f"nnfiltermatch-query:{seed}:{case}".encode()).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) / float(1 << 53)
+
+
+def _by_uncertainty(row: RankedCase, options: StrategyOptions) -> float | None:
+    return row.score
+
+
+def _by_draw(row: RankedCase, options: StrategyOptions) -> float | None:
+    return random_draw(options.seed, row.case)
+
+
+def _by_draw_with_foreground(row: RankedCase, options: StrategyOptions) -> float | None:
+    volume = row.foreground_ml
+    if volume is None:
+        raise ValueError(f"foreground-random needs the prediction of {row.case}; it was not predicted")
+    return random_draw(options.seed, row.case) if volume > options.min_foreground_ml else None
+
+
+def _explain_uncertainty(row: RankedCase, options: StrategyOptions) -> str:
+    return f"per-case {options.reduce}{' in the ROI' if options.roi else ''} = {row.score:.4g} ({row.source})"
+
+
+def _explain_draw(row: RankedCase, options: StrategyOptions) -> str:
+    return f"random draw {row.score:.4f} (seed {options.seed})"
+
+
+def _explain_draw_with_foreground(row: RankedCase, options: StrategyOptions) -> str:
+    volume = row.foreground_ml
+    return (
+        f"predicted foreground {volume:.3g} mL > {options.min_foreground_ml:g} mL; random draw {row.score:.4f} "
+        f"(seed {options.seed})"
+    )
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "entropy": Strategy(
+        "Shannon entropy of the softmax, per case (the filter's score)",
+        "entropy",
+        True,
+        _by_uncertainty,
+        _explain_uncertainty,
+    ),
+    "margin": Strategy(
+        "1 - (p1 - p2) of the two most likely classes", "margin", True, _by_uncertainty, _explain_uncertainty
+    ),
+    "tta-variance": Strategy(
+        "variance of the softmax over the test-time flips (one prediction per flip)",
+        "tta-variance",
+        True,
+        _by_uncertainty,
+        _explain_uncertainty,
+    ),
+    "random": Strategy("every case in a seeded random order (no prediction)", None, False, _by_draw, _explain_draw),
+    "foreground-random": Strategy(
+        "the seeded random order, among cases whose predicted foreground exceeds --min-foreground-ml",
+        None,
+        True,
+        _by_draw_with_foreground,
+        _explain_draw_with_foreground,
+    ),
+}
+SCORE_TYPES: tuple[str, ...] = tuple(name for name, s in STRATEGIES.items() if s.voxel_map is not None)
 
 
 @dataclass
@@ -418,18 +558,31 @@ class QueryResult:
     csv_path: Path | None
     pngs: list[Path] = field(default_factory=list)
     seconds: float = 0.0
-    score: str = "entropy"
+    strategy: str = "entropy"
     reduce: str = "mean"
+    seed: int = DEFAULT_SEED
+    excluded: list[str] = field(default_factory=list)  # cases the strategy left out (foreground-random)
+    export_dir: Path | None = None
 
     @property
     def n_reused(self) -> int:
         return sum(1 for r in self.ranking if r.source == "reused")
 
 
-def _validate_options(score: str, reduce: str, topk_fraction: float, roi_margin: int, top_n: int | None) -> None:
+def _validate_options(
+    strategy: str,
+    reduce: str,
+    topk_fraction: float,
+    roi_margin: int,
+    top_n: int | None,
+    roi: bool = False,
+    min_foreground_ml: float = DEFAULT_MIN_FOREGROUND_ML,
+) -> None:
     problems = []
-    if score not in SCORE_TYPES:
-        problems.append(f"--score {score!r}: choose one of {', '.join(SCORE_TYPES)}")
+    if strategy not in STRATEGIES:
+        problems.append(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    elif roi and STRATEGIES[strategy].voxel_map is None:
+        problems.append(f"--roi restricts an uncertainty score to a box, and {strategy} ranks by a draw: leave it out")
     if reduce not in REDUCTIONS:
         problems.append(f"--reduce {reduce!r}: choose one of {', '.join(REDUCTIONS)}")
     if not 0.0 < topk_fraction <= 1.0:
@@ -438,8 +591,14 @@ def _validate_options(score: str, reduce: str, topk_fraction: float, roi_margin:
         problems.append(f"--roi-margin must be >= 0, got {roi_margin}")
     if top_n is not None and top_n < 1:
         problems.append(f"-n must be >= 1, got {top_n}")
+    if not min_foreground_ml >= 0.0:
+        problems.append(f"--min-foreground-ml must be >= 0, got {min_foreground_ml}")
     if problems:
         raise QueryError("; ".join(problems))
+
+
+def _logits_file(folder: Path, case_id: str) -> Path:
+    return folder / f"{case_id}.npy"
 
 
 def score_cases(
@@ -452,12 +611,21 @@ def score_cases(
     roi_margin: int = 5,
     keep_slices: int = 0,
     progress: bool = True,
+    priority: Callable[[RankedCase], float | None] | None = None,
+    logits_dir: Path | None = None,
 ) -> tuple[dict[str, RankedCase], dict[str, _Slice]]:
-    """Predict and score the given cases; keeps the PNG slices of the ``keep_slices`` highest scores only."""
+    """Predict and score the given cases (``score``: the voxel map).
+
+    What a shown case needs is kept only for the ``keep_slices`` cases of highest ``priority`` (default: the
+    score; None: never shown): its PNG slice, and with ``logits_dir`` its logits for the export's pre-annotation
+    (``<case>.npy`` there, deleted when the case drops out), so memory and disk stay bounded by N, not the pool.
+    """
     from tqdm import tqdm
 
+    rank_key = priority or (lambda row: row.score)
     results: dict[str, RankedCase] = {}
     slices: dict[str, _Slice] = {}
+    kept: dict[str, float] = {}
     for case_id in tqdm(case_ids, desc=f"scoring ({score})", unit="case", disable=not progress):
         data, properties = model.load_case(case_id)
         with torch.no_grad():
@@ -466,20 +634,30 @@ def score_cases(
         umap = uncertainty_map(prediction.probs, score, prediction.tta_variance)
         value = case_score(umap, segmentation, reduce, topk_fraction, roi, roi_margin)
         counts = torch.bincount(segmentation.reshape(-1), minlength=max(model.labels, default=0) + 1)
-        results[case_id] = RankedCase(
+        row = RankedCase(
             case_id,
             value,
             "computed",
             {label: int(counts[label]) for label in model.labels},
             model.voxel_volume_ml(properties, segmentation.ndim),
         )
-        if keep_slices > 0:
-            index = most_uncertain_slice(umap)
-            slices[case_id] = _Slice(
-                index, data[0, index].numpy().copy(), segmentation[index].numpy().copy(), umap[index].numpy().copy()
-            )
-            if len(slices) > keep_slices:  # drop the lowest score: it can no longer reach the top N
-                del slices[min(slices, key=lambda c: (results[c].score, c))]
+        results[case_id] = row
+        key = rank_key(row) if keep_slices > 0 else None
+        if key is None:
+            continue
+        kept[case_id] = key
+        index = most_uncertain_slice(umap)
+        slices[case_id] = _Slice(
+            index, data[0, index].numpy().copy(), segmentation[index].numpy().copy(), umap[index].numpy().copy()
+        )
+        if logits_dir is not None:
+            assert prediction.logits is not None
+            np.save(_logits_file(logits_dir, case_id), prediction.logits.cpu().numpy())
+        if len(kept) > keep_slices:  # the last in ranking order (-priority, case) can no longer reach the top N
+            drop = max(kept, key=lambda c: (-kept[c], c))
+            del kept[drop], slices[drop]
+            if logits_dir is not None:
+                _logits_file(logits_dir, drop).unlink(missing_ok=True)
     return results, slices
 
 
@@ -488,7 +666,7 @@ def run_query(
     folds: Sequence[str | int] | None = None,
     checkpoint: str = "final",
     device: str = "cpu",
-    score: str = "entropy",
+    strategy: str = "entropy",
     reduce: str = "mean",
     topk_fraction: float = 0.1,
     roi: bool = False,
@@ -501,16 +679,32 @@ def run_query(
     png_top: int = DEFAULT_PNG_TOP,
     cases: Sequence[str] | None = None,
     progress: bool = True,
+    seed: int = DEFAULT_SEED,
+    min_foreground_ml: float = DEFAULT_MIN_FOREGROUND_ML,
+    export: Path | None = None,
+    overwrite: bool = False,
 ) -> QueryResult:
-    """Rank the unlabelled cases, most uncertain first; write the CSV (atomically) and the top cases' PNGs.
+    """Rank the unlabelled cases, first pick first; write the CSV (atomically), the top cases' PNGs and, with
+    ``export``, the annotation folder of the top ``top_n`` (see :func:`write_export`).
 
-    ``output`` None: ``<model_dir>/query_ranking_<score>.csv``; ``png_dir`` None: ``<csv stem>_png`` beside it.
-    ``cases`` restricts the query to some unlabelled cases (tests, quick looks).
+    ``output`` None: ``<model_dir>/query_ranking_<strategy>.csv``; ``png_dir`` None: ``<csv stem>_png`` beside it
+    (with ``export``: ``export/png``, one PNG per exported case). ``cases`` restricts the query to some unlabelled
+    cases (tests, quick looks). Everything that can be refused (options, the export folder, missing raw images) is
+    refused before the first prediction.
     """
     start = time.time()
-    _validate_options(score, reduce, topk_fraction, roi_margin, top_n)
+    _validate_options(strategy, reduce, topk_fraction, roi_margin, top_n, roi, min_foreground_ml)
     if png_top < 0:
         raise QueryError(f"--png-top must be >= 0, got {png_top}")
+    target = Path(export) if export is not None else None
+    if target is not None:
+        if top_n is None:
+            raise QueryError("--export needs -n N: how many of the top cases to hand to the annotators")
+        if png_dir is not None:
+            raise QueryError("--export writes one PNG per exported case into DIR/png: leave --png-dir out")
+        check_export_target(target, overwrite)
+    chosen = STRATEGIES[strategy]
+    options = StrategyOptions(seed, min_foreground_ml, reduce, roi)
     model = load_query_model(model_dir, folds, checkpoint, device, step_size)
     available = model.case_ids()
     if cases is not None:
@@ -518,55 +712,139 @@ def run_query(
         if unknown:
             raise QueryError(f"not unlabelled cases of {model.dataset_name}: {', '.join(unknown[:8])}")
         available = [c for c in available if c in set(cases)]
-    rounds = collect_filter_rounds(model.fold_dir, model.checkpoint)
-    decision = decide_reuse(
-        model.checkpoint,
-        rounds,
-        score=score,
-        reduce=reduce,
-        topk_fraction=topk_fraction,
-        roi=roi,
-        step_size=model.step_size,
-        n_folds=len(model.folds),
-        policy=reuse,
-    )
-    wanted = set(available)
-    reused = {c: s for c, s in decision.scores.items() if c in wanted}
-    if decision.reused and not reused:
-        decision = ReuseDecision({}, None, f"the filter round at epoch {decision.epoch} scored none of these cases")
-    else:
-        decision = ReuseDecision(reused, decision.epoch, decision.reason)
-    to_compute = [c for c in available if c not in reused]
-    n_png = min(png_top, top_n) if top_n is not None else png_top
-    computed, slices = score_cases(
-        model, to_compute, score, reduce, topk_fraction, roi, roi_margin, keep_slices=n_png, progress=progress
-    )
-    results = {**{c: RankedCase(c, s, "reused") for c, s in reused.items()}, **computed}
-    ranking = sorted(results.values(), key=lambda r: (-r.score, r.case))
-    for i, row in enumerate(ranking, start=1):
-        row.rank = i
-    listed = ranking[:top_n] if top_n is not None else ranking
-
-    top = listed[:n_png]
-    missing = [r.case for r in top if r.case not in slices]
-    if missing:  # reused scores: predict the shown cases now (their score stays the reused one)
-        extra, extra_slices = score_cases(
-            model, missing, score, reduce, topk_fraction, roi, roi_margin, keep_slices=len(missing), progress=False
+    originals = raw_image_files(model, available) if target is not None else {}
+    if chosen.voxel_map is not None:
+        rounds = collect_filter_rounds(model.fold_dir, model.checkpoint)
+        decision = decide_reuse(
+            model.checkpoint,
+            rounds,
+            score=chosen.voxel_map,
+            reduce=reduce,
+            topk_fraction=topk_fraction,
+            roi=roi,
+            step_size=model.step_size,
+            n_folds=len(model.folds),
+            policy=reuse,
         )
-        for case_id, row in extra.items():
-            results[case_id].voxels, results[case_id].voxel_ml = row.voxels, row.voxel_ml
-        slices.update(extra_slices)
+        wanted = set(available)
+        reused = {c: s for c, s in decision.scores.items() if c in wanted}
+        if decision.reused and not reused:
+            decision = ReuseDecision({}, None, f"the filter round at epoch {decision.epoch} scored none of these cases")
+        else:
+            decision = ReuseDecision(reused, decision.epoch, decision.reason)
+    elif chosen.predicts:
+        decision = ReuseDecision({}, None, f"{strategy} needs each case's predicted foreground, which no round records")
+    else:
+        decision = ReuseDecision({}, None, f"{strategy} draws its order and needs no scores")
+    reused = decision.scores
+    to_compute = [c for c in available if c not in reused]
+    n_show = top_n if target is not None else (min(png_top, top_n) if top_n is not None else png_top)
 
-    csv_path = Path(output) if output is not None else model.model_dir / f"query_ranking_{score}.csv"
-    write_ranking_csv(listed, model.labels, csv_path)
-    pngs: list[Path] = []
-    if top:
-        folder = Path(png_dir) if png_dir is not None else csv_path.with_name(csv_path.stem + "_png")
-        folder.mkdir(parents=True, exist_ok=True)
-        for row in top:
-            target = folder / f"{row.rank:03d}_{row.case}.png"
-            render_case_png(slices[row.case], row, score, reduce, roi, model.labels, target)
-            pngs.append(target)
+    staging = _staging_folder(target) if target is not None else None
+    try:
+        logits_dir = staging / ".logits" if staging is not None else None
+        if logits_dir is not None:
+            logits_dir.mkdir(parents=True)
+
+        def priority(row: RankedCase) -> float | None:
+            return chosen.priority(row, options)
+
+        if chosen.predicts:
+            computed, slices = score_cases(
+                model,
+                to_compute,
+                chosen.shown_map,
+                reduce,
+                topk_fraction,
+                roi,
+                roi_margin,
+                keep_slices=n_show,
+                progress=progress,
+                priority=priority,
+                logits_dir=logits_dir,
+            )
+        else:
+            computed, slices = {c: RankedCase(c, math.nan, "drawn") for c in to_compute}, {}
+        results = {**{c: RankedCase(c, s, "reused") for c, s in reused.items()}, **computed}
+        ranking: list[RankedCase] = []
+        excluded: list[str] = []
+        for case_id, row in results.items():
+            value = priority(row)
+            if value is None:
+                excluded.append(case_id)
+                continue
+            row.score = float(value)
+            if chosen.voxel_map is None:
+                row.source = "drawn"
+            ranking.append(row)
+        ranking.sort(key=lambda r: (-r.score, r.case))
+        for i, row in enumerate(ranking, start=1):
+            row.rank = i
+        listed = ranking[:top_n] if top_n is not None else ranking
+
+        top = listed[:n_show]
+        missing = [
+            r.case
+            for r in top
+            if r.case not in slices or (logits_dir is not None and not _logits_file(logits_dir, r.case).is_file())
+        ]
+        if missing:  # reused scores or random draws: predict the shown cases now (their score stays)
+            extra, extra_slices = score_cases(
+                model,
+                missing,
+                chosen.shown_map,
+                reduce,
+                topk_fraction,
+                roi,
+                roi_margin,
+                keep_slices=len(missing),
+                progress=False,
+                logits_dir=logits_dir,
+            )
+            for case_id, row in extra.items():
+                results[case_id].voxels, results[case_id].voxel_ml = row.voxels, row.voxel_ml
+            slices.update(extra_slices)
+
+        if target is not None and not top:
+            raise QueryError(
+                f"--export {target}: nothing to export, {strategy} ranked none of the {len(results)} case(s) "
+                f"({len(excluded)} left out{': predicted foreground <= --min-foreground-ml' if excluded else ''})"
+            )
+        csv_path = Path(output) if output is not None else model.model_dir / f"query_ranking_{strategy}.csv"
+        write_ranking_csv(listed, model.labels, csv_path)
+        pngs: list[Path] = []
+        if top:
+            if staging is not None:
+                folder = staging / EXPORT_FOLDERS["png"]
+            else:
+                folder = Path(png_dir) if png_dir is not None else csv_path.with_name(csv_path.stem + "_png")
+            folder.mkdir(parents=True, exist_ok=True)
+            for row in top:
+                png = folder / f"{row.rank:03d}_{row.case}.png"
+                render_case_png(
+                    slices[row.case], row, png_caption(row, strategy, options), chosen.shown_map, model.labels, png
+                )
+                pngs.append(png)
+        export_dir = None
+        if staging is not None and target is not None and logits_dir is not None:
+            write_export(
+                model,
+                top,
+                originals,
+                staging,
+                logits_dir,
+                {row.case: png for row, png in zip(top, pngs)},
+                strategy=strategy,
+                options=options,
+                n_ranked=len(ranking),
+                excluded=excluded,
+                final=target,
+            )
+            export_dir = install_export(staging, target, overwrite)
+            pngs = [export_dir / EXPORT_FOLDERS["png"] / p.name for p in pngs]
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return QueryResult(
         ranking=listed,
         total_cases=len(ranking),
@@ -574,9 +852,17 @@ def run_query(
         csv_path=csv_path,
         pngs=pngs,
         seconds=time.time() - start,
-        score=score,
+        strategy=strategy,
         reduce=reduce,
+        seed=seed,
+        excluded=sorted(excluded),
+        export_dir=export_dir,
     )
+
+
+def png_caption(row: RankedCase, strategy: str, options: StrategyOptions) -> str:
+    """The PNG's title: rank, case and why (the same words as the export's selection.csv)."""
+    return f"#{row.rank}  {row.case}   {strategy}: {STRATEGIES[strategy].explain(row, options)}"
 
 
 def _column_name(name: str) -> str:
@@ -605,7 +891,7 @@ def write_ranking_csv(rows: Sequence[RankedCase], labels: Mapping[int, str], pat
 
 
 def render_case_png(
-    view: _Slice, row: RankedCase, score: str, reduce: str, roi: bool, labels: Mapping[int, str], target: Path
+    view: _Slice, row: RankedCase, caption: str, voxel_map: str, labels: Mapping[int, str], target: Path
 ) -> Path:
     """Image, prediction overlay and uncertainty heat map of the most uncertain slice, side by side."""
     import matplotlib
@@ -635,11 +921,10 @@ def render_case_png(
             fontsize=8,
             framealpha=0.7,
         )
-    for ax, title in zip(axes, ("image", "prediction", f"{score} (voxel map)")):
+    for ax, title in zip(axes, ("image", "prediction", f"{voxel_map} (voxel map)")):
         ax.set_title(title, fontsize=10)
         ax.axis("off")
-    how = f"{reduce}{', ROI' if roi else ''}"
-    fig.suptitle(f"#{row.rank}  {row.case}   {score} ({how}) = {row.score:.4g}   slice {view.index}", fontsize=12)
+    fig.suptitle(f"{caption}   slice {view.index}", fontsize=11)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
@@ -654,4 +939,241 @@ def format_ranking(result: QueryResult, labels: Mapping[int, str] | None = None,
         lines.append(f"{row.rank:>4}  {row.case:<24} {row.score:>10.5f}  {row.source}")
     if len(result.ranking) > limit:
         lines.append(f"  ... {len(result.ranking) - limit} more in the CSV")
+    return "\n".join(lines)
+
+
+# ----- the export: one folder for the annotators ------------------------------------------------------------------
+def check_export_target(target: Path, overwrite: bool) -> None:
+    """Refuse, before anything is predicted, an export folder whose contents would be lost.
+
+    A file, or a non-empty folder without ``overwrite``; even with it, a folder that is not an earlier export (no
+    selection.csv: ``--export ~ --overwrite`` must not empty a home folder) or whose labelsTr/ holds masks (the
+    annotators' corrections).
+    """
+    target = Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise QueryError(f"--export {target} exists and is not a folder: give the name of a new folder")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise QueryError(
+            f"--export {target} exists and is not empty: give a new folder, or add --overwrite to replace an "
+            "earlier export"
+        )
+    if not (target / SELECTION_CSV).is_file():
+        raise QueryError(
+            f"--export {target} --overwrite: the folder is not an earlier query export (it has no {SELECTION_CSV}), "
+            "so it is left alone; give a new folder"
+        )
+    labels = target / EXPORT_FOLDERS["labels"]
+    done = sorted(p.name for p in labels.iterdir() if not p.name.startswith(".")) if labels.is_dir() else []
+    if done:
+        listed = ", ".join(done[:4]) + (f" and {len(done) - 4} more" if len(done) > 4 else "")
+        raise QueryError(
+            f"--export {target} --overwrite: {labels} holds {len(done)} file(s) ({listed}), corrected masks that "
+            f"would be lost. Add them first (`nnfiltermatch prepare -d DATASET --add-labels {labels}`) or move them "
+            "elsewhere, then export again"
+        )
+
+
+def _staging_folder(target: Path) -> Path:
+    """A hidden sibling of DIR: the same file system, so the final rename is atomic."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    return staging
+
+
+def install_export(staging: Path, target: Path, overwrite: bool) -> Path:
+    """Rename the finished staging folder to DIR, replacing an empty folder or, with ``overwrite``, an earlier
+    export (checked again: the folder may have changed while the cases were predicted)."""
+    check_export_target(target, overwrite)
+    replaced = None
+    if target.is_dir():
+        if any(target.iterdir()):
+            replaced = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
+            target.rename(replaced)
+        else:
+            target.rmdir()
+    try:
+        staging.rename(target)
+    except BaseException:
+        if replaced is not None:
+            replaced.rename(target)
+        raise
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    return target
+
+
+def raw_image_files(model: QueryModel, case_ids: Sequence[str]) -> dict[str, list[Path]]:
+    """Each case's raw image files, one per channel: imagesUnlabeled/ first, then imagesTr/ (a label-budget
+    simulation), the places ``prepare --add-labels`` takes them from. Looked up before any prediction."""
+    from nnfiltermatch.preparation import env_folder
+
+    raw = env_folder("nnUNet_raw") / model.dataset_name
+    dataset_json = model.predictor.dataset_json
+    ending = dataset_json.get("file_ending", ".nii.gz")
+    n_channels = max(1, len(dataset_json.get("channel_names") or dataset_json.get("modality") or {}))
+    found: dict[str, list[Path]] = {}
+    missing: list[str] = []
+    for case_id in case_ids:
+        names = [f"{case_id}_{i:04d}{ending}" for i in range(n_channels)]
+        for folder in ("imagesUnlabeled", "imagesTr"):
+            paths = [raw / folder / name for name in names]
+            if all(p.is_file() for p in paths):
+                found[case_id] = paths
+                break
+        else:
+            missing.append(case_id)
+    if missing:
+        raise QueryError(
+            f"--export copies each case's images, and {raw} has none for {', '.join(missing[:8])} (looked for "
+            f"CASE_0000{ending} ... in imagesUnlabeled/ and imagesTr/): is nnUNet_raw the folder prepare read?"
+        )
+    return found
+
+
+def selection_columns(labels: Mapping[int, str]) -> list[str]:
+    volume = [f"{_column_name(labels[v])}_ml" for v in sorted(labels)]
+    return [
+        "rank", "case", "strategy", "score", "reason", "images", "preannotation", "png", "save_label_as", *volume,
+        "original_images",
+    ]  # fmt: skip
+
+
+def write_export(
+    model: QueryModel,
+    rows: Sequence[RankedCase],
+    originals: Mapping[str, Sequence[Path]],
+    staging: Path,
+    logits_dir: Path,
+    pngs: Mapping[str, Path],
+    *,
+    strategy: str,
+    options: StrategyOptions,
+    n_ranked: int,
+    excluded: Sequence[str],
+    final: Path,
+) -> None:
+    """Fill the staging folder: images (copied), pre-annotations, selection.csv, README.txt and an empty labelsTr/.
+
+    The pre-annotation is the query's own prediction (the one the ranking and the PNG show) written by nnU-Net's
+    ``export_prediction_from_logits``: resampled to the original spacing, un-cropped, transposed back and saved with
+    the image's header, exactly as ``predict`` writes segmentations. Paths in the CSV are relative to DIR, so the
+    folder can be moved.
+    """
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+    predictor = model.predictor
+    dataset_json = predictor.dataset_json
+    ending = dataset_json.get("file_ending", ".nii.gz")
+    folders = {key: staging / name for key, name in EXPORT_FOLDERS.items()}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(selection_columns(model.labels))
+    threads = max(1, torch.get_num_threads())
+    for row in rows:
+        images = []
+        for source in originals[row.case]:
+            shutil.copyfile(source, folders["images"] / source.name)  # a copy: the folder travels to annotators
+            images.append(f"{EXPORT_FOLDERS['images']}/{source.name}")
+        logits = np.load(_logits_file(logits_dir, row.case))
+        export_prediction_from_logits(
+            logits,
+            model.load_properties(row.case),
+            predictor.configuration_manager,
+            predictor.plans_manager,
+            dataset_json,
+            str(folders["preannotations"] / row.case),
+            save_probabilities=False,
+            num_threads_torch=threads,
+        )
+        del logits
+        volumes = [
+            "" if row.voxels is None or row.voxel_ml is None else f"{row.voxels[label] * row.voxel_ml:.4f}"
+            for label in sorted(model.labels)
+        ]
+        png = pngs.get(row.case)
+        writer.writerow([
+            row.rank,
+            row.case,
+            strategy,
+            repr(float(row.score)),
+            f"rank {row.rank} of {n_ranked} by {strategy}: {STRATEGIES[strategy].explain(row, options)}",
+            ";".join(images),
+            f"{EXPORT_FOLDERS['preannotations']}/{row.case}{ending}",
+            f"{EXPORT_FOLDERS['png']}/{png.name}" if png is not None else "",
+            f"{EXPORT_FOLDERS['labels']}/{row.case}{ending}",
+            *volumes,
+            ";".join(str(p) for p in originals[row.case]),
+        ])  # fmt: skip
+    (staging / SELECTION_CSV).write_text(buffer.getvalue())
+    (staging / EXPORT_README).write_text(
+        export_readme(model, rows, strategy, options, n_ranked, excluded, Path(final).resolve())
+    )
+    shutil.rmtree(logits_dir)
+
+
+def export_readme(
+    model: QueryModel,
+    rows: Sequence[RankedCase],
+    strategy: str,
+    options: StrategyOptions,
+    n_ranked: int,
+    excluded: Sequence[str],
+    final: Path,
+) -> str:
+    """What the folder holds and the commands of the next round, with this dataset's names filled in."""
+    dataset_json = model.predictor.dataset_json
+    ending = dataset_json.get("file_ending", ".nii.gz")
+    init_args = model.checkpoint.get("init_args") or {}
+    configuration = str(init_args.get("configuration") or model.model_dir.name.split("__")[-1])
+    mode = str(((init_args.get(STATE_KEY) or {}).get("config") or {}).get("mode") or "filtermatch")
+    label_values = ", ".join(f"{value} {name}" for name, value in (dataset_json.get("labels") or {}).items())
+    spec = STRATEGIES[strategy]
+    how = f"{strategy} ({options.reduce}{', ROI' if options.roi else ''})" if spec.voxel_map else strategy
+    if spec.voxel_map is None:
+        how += f" (seed {options.seed})"
+    left_out = (
+        f"\n{len(excluded)} case(s) were left out: predicted foreground at most {options.min_foreground_ml:g} mL."
+        if excluded
+        else ""
+    )
+    first = rows[0].case if rows else "CASE"
+    labels_dir = final / EXPORT_FOLDERS["labels"]
+    folds = " ".join(str(f) for f in model.folds)
+    lines = [
+        f"nnFilterMatch query export: {len(rows)} case(s) of {model.dataset_name} to annotate",
+        "",
+        f"Chosen by {how} with the model {model.model_dir} (fold(s) {folds}),",
+        f"on {time.strftime('%Y-%m-%d %H:%M')}: the top {len(rows)} of {n_ranked} ranked unlabelled case(s).{left_out}",
+        f"{SELECTION_CSV} gives each case's rank, score and the reason it was picked, and the files below.",
+        "",
+        "What is here",
+        f"  {EXPORT_FOLDERS['images']}/          "
+        f"the images to annotate (copies), CASE_0000{ending}: one file per channel",
+        f"  {EXPORT_FOLDERS['preannotations']}/  the model's segmentation of each case in the image's own geometry:",
+        "                   a starting point to correct, not ground truth",
+        f"  {EXPORT_FOLDERS['png']}/             the most uncertain slice of each case: image, prediction, uncertainty",
+        f"  {EXPORT_FOLDERS['labels']}/        empty: the corrected masks go here",
+        "",
+        "What to do next",
+        f"  1. For each case, e.g. {first}: open {EXPORT_FOLDERS['images']}/{first}_0000{ending} in ITK-SNAP or",
+        f"     3D Slicer and load {EXPORT_FOLDERS['preannotations']}/{first}{ending} as its segmentation.",
+        f"  2. Correct it. Label values (dataset.json): {label_values}.",
+        f"  3. Save the corrected mask as {EXPORT_FOLDERS['labels']}/{first}{ending}: the case name without _0000, the",
+        "     image's geometry. Only cases with a file there are added; the others stay unlabelled. Do not copy an",
+        "     uncorrected pre-annotation there: it would become ground truth.",
+        "  4. Move the cases to the labelled set (validated, preprocessed with the existing plans, no re-planning):",
+        f"       nnfiltermatch prepare -d {model.dataset_name} --add-labels {labels_dir}",
+        "     (if this folder was moved, use its new path).",
+        "  5. Train the next model into a new results folder, so the model that chose these cases stays as it is:",
+        f"       nnUNet_results=/path/to/results_next_round nnfiltermatch train -d {model.dataset_name} "
+        f"-c {configuration} -f {model.folds[0]} --mode {mode}",
+        "     then query that model for the next round.",
+        "",
+    ]
     return "\n".join(lines)

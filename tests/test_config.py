@@ -12,7 +12,9 @@ from nnfiltermatch.config import resolve_config
 
 def test_invalid_options_are_listed_together() -> None:
     with pytest.raises(ValueError) as info:
-        resolve_config({"epochs": 0, "tau": 1.5, "lr": 0.0, "filter_drop": 1.0, "teacher": "teacherless"})
+        resolve_config(
+            {"epochs": 0, "tau": 1.5, "lr": 0.0, "filter_drop": 1.0, "teacher": "teacherless", "copy_paste_p": 2.0}
+        )
     message = str(info.value)
     for expected in (
         "--epochs must be >= 1, got 0",
@@ -20,6 +22,7 @@ def test_invalid_options_are_listed_together() -> None:
         "--lr must be > 0, got 0.0",
         "--filter-drop must be in [0, 1), got 1.0",
         "--teacher 'teacherless': choose one of",
+        "--copy-paste-p is a probability in [0, 1], got 2.0",
     ):
         assert expected in message
 

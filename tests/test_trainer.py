@@ -34,10 +34,13 @@ def _checkpoint(folder: Path, name: str = "checkpoint_final.pth") -> dict:
     return torch.load(folder / name, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.parametrize("mode", ["supervised", "ssl"])
+# "ssl+views": every optional strong-view operation on at every step, through nnU-Net's real batches (DS targets)
+@pytest.mark.parametrize("mode", ["supervised", "ssl", "ssl+views"])
 def test_modes_train_end_to_end(prepared: Path, mode: str) -> None:
-    config = resolve_config({**SHORT, "mode": mode})
-    result = train(DATASET, CONFIG, "all", config, "cpu", final_validation=False)
+    views = {"cutout_p": 1.0, "cutmix_p": 1.0, "copy_paste_p": 1.0} if mode == "ssl+views" else {}
+    mode = mode.split("+")[0]
+    config = resolve_config({**SHORT, "mode": mode, **views})
+    result = train(DATASET, CONFIG, "all", config, "cpu", final_validation=False, overwrite=bool(views))
     out = result.output_folder
     assert out.name == "fold_all" and out.parent.name.endswith(f"__nnUNetPlans__{CONFIG}")
     for name in ("checkpoint_final.pth", "progress.png", "progress_ssl.png", CONFIG_FILENAME):

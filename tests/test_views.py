@@ -17,6 +17,7 @@ from nnfiltermatch.views import (
     cutout,
     gaussian_blur,
     in_plane_shapes,
+    paste_boxes,
     sample_geometric_transform,
     strong_intensity,
 )
@@ -221,3 +222,34 @@ def test_cutmix_carries_ignore_labels_and_single_sample_noop() -> None:
         cutmix(image, labels, ratio=0.0)
     with pytest.raises(ValueError):
         cutout(image, [labels[0][:1]])
+
+
+@pytest.mark.parametrize("spatial, scales", [CASES[0], _scales_3d()])
+def test_paste_boxes_brings_the_source_labels_with_the_box(
+    spatial: tuple[int, ...], scales: list[tuple[float, ...]]
+) -> None:
+    """Labelled-into-unlabelled copy-paste: inside the box, image and labels are the labelled sample's (all scales)."""
+    g = torch.Generator().manual_seed(8)
+    unlabelled = torch.randn(3, 1, *spatial, generator=g)
+    labelled = torch.randn(3, 1, *spatial, generator=g) + 2.0  # distinguishable values
+    pseudo = _ds(_f(unlabelled), scales)
+    truth = _ds(_f(labelled), scales)
+    out_img, out_labels = paste_boxes(unlabelled, pseudo, labelled, truth, torch.Generator().manual_seed(9), 2 / 3)
+    from_labelled = out_img != unlabelled
+    for b in range(3):
+        assert torch.equal(out_img[b][from_labelled[b]], labelled[b][from_labelled[b]])  # sample b's own source
+        assert 0.2 < from_labelled[b].float().mean() < 0.5  # a (2/3)^d box
+    for out_lab, expected in zip(out_labels, _ds(_f(out_img), scales)):
+        assert torch.equal(out_lab, expected)
+    assert torch.equal(unlabelled, unlabelled.clone()) and all(torch.equal(a, b) for a, b in zip(pseudo, pseudo))
+    with pytest.raises(ValueError, match="does not match"):
+        paste_boxes(unlabelled, pseudo, labelled[:, :, :4], truth)
+
+
+def test_paste_boxes_chooses_the_source_sample() -> None:
+    target = torch.zeros(2, 1, 8, 8)
+    source = torch.stack([torch.full((1, 8, 8), 1.0), torch.full((1, 8, 8), 2.0)])
+    labels = [torch.zeros(2, 1, 8, 8, dtype=torch.long)]
+    source_labels = [torch.stack([torch.full((1, 8, 8), 1), torch.full((1, 8, 8), 2)])]
+    out, out_labels = paste_boxes(target, labels, source, source_labels, torch.Generator().manual_seed(0), 0.5, [1, 1])
+    assert set(out.unique().tolist()) == {0.0, 2.0} and set(out_labels[0].unique().tolist()) == {0, 2}

@@ -190,6 +190,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--intensity-p", type=float)
     s.add_argument("--cutout-p", type=float)
     s.add_argument("--cutmix-p", type=float)
+    s.add_argument(
+        "--copy-paste-p",
+        type=float,
+        help="probability per step of pasting a labelled box with its labels into the strong views (BCP; default 0)",
+    )
     f = p.add_argument_group("the filter (mode filtermatch)")
     f.add_argument("--filter-start", type=int, help="first filter epoch (default epochs/3)")
     f.add_argument("--filter-every", type=int, help="epochs between filter rounds (default epochs/3)")
@@ -331,6 +336,7 @@ TRAIN_OPTION_NAMES = (
     "intensity_p",
     "cutout_p",
     "cutmix_p",
+    "copy_paste_p",
     "filter_start",
     "filter_every",
     "filter_drop",

@@ -60,6 +60,8 @@ class TrainConfig:
     intensity_p: float = 0.5
     cutout_p: float = 0.0
     cutmix_p: float = 0.0
+    # a labelled box (2/3 of the patch side, true labels) pasted into each strong view (BCP, Bai et al. 2023)
+    copy_paste_p: float = 0.0
     # the filter
     filter_start: int | None = None
     filter_every: int | None = None
@@ -128,6 +130,9 @@ class TrainConfig:
             problems.append(f"--filter-tile-step must be in (0, 1], got {self.filter_tile_step}")
         if not 0.0 < self.topk_fraction <= 1.0:
             problems.append(f"--topk-fraction must be in (0, 1], got {self.topk_fraction}")
+        for name in ("intensity_p", "cutout_p", "cutmix_p", "copy_paste_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"--{name.replace('_', '-')} is a probability in [0, 1], got {getattr(self, name)}")
         for name in ("warmup_epochs", "rampup_epochs"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -180,6 +185,7 @@ def paper_values(labeled_fraction: float | None) -> dict[str, Any]:
         "strong_intensity": False,
         "cutout_p": 0.0,
         "cutmix_p": 0.0,
+        "copy_paste_p": 0.0,
         "filter_scoring": "window",
         "filter_mirroring": True,
         "filter_tile_step": 0.5,

@@ -43,7 +43,7 @@ from nnfiltermatch.unlabeled import (
     save_pseudo_label,
     shutdown_loader,
 )
-from nnfiltermatch.views import cutmix, cutout, sample_geometric_transform, strong_intensity
+from nnfiltermatch.views import cutmix, cutout, paste_boxes, sample_geometric_transform, strong_intensity
 
 STATE_KEY = "nnfiltermatch_state"
 SSL_LOG_KEYS = ("sup_losses", "unsup_losses", "confident_fraction", "unsup_weight", "pool_size")
@@ -338,10 +338,13 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
                 strong, pseudo = cutout(strong, pseudo, self._view_rng, self.ignore_index)
             if self.fm.cutmix_p > 0 and float(torch.rand((), generator=self._view_rng)) < self.fm.cutmix_p:
                 strong, pseudo = cutmix(strong, pseudo, self._view_rng)
+            labeled_targets = [t.to(self.device, non_blocking=True) for t in _as_list(batch["target"])]
+            data = batch["data"].to(self.device, non_blocking=True)
+            if self.fm.copy_paste_p > 0 and float(torch.rand((), generator=self._view_rng)) < self.fm.copy_paste_p:
+                # BCP's box side: 2/3 of the patch, a labelled box with its true labels in each pseudo-labelled view
+                strong, pseudo = paste_boxes(strong, pseudo, data, labeled_targets, self._view_rng, 2 / 3)
 
-        labeled_targets = [t.to(self.device, non_blocking=True) for t in _as_list(batch["target"])]
         targets = [torch.cat([t, p.to(t.dtype)]) for t, p in zip(labeled_targets, pseudo)]
-        data = batch["data"].to(self.device, non_blocking=True)
         assert self.ssl_start_epoch is not None
         weight = ramp_weight(self.current_epoch, self.ssl_start_epoch, self.fm.rampup_epochs or 0, self.fm.lambda_u)
         self.loss.n_labeled, self.loss.weight = data.shape[0], weight

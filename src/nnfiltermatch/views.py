@@ -30,6 +30,7 @@ __all__ = [
     "strong_intensity",
     "cutout",
     "cutmix",
+    "paste_boxes",
 ]
 
 Rng = torch.Generator | random.Random | None
@@ -397,6 +398,47 @@ def cutout(
     return out_img, out_labels
 
 
+def paste_boxes(
+    image: Tensor,
+    labels_list: Sequence[Tensor],
+    source_image: Tensor,
+    source_labels: Sequence[Tensor],
+    gen: Rng = None,
+    ratio: tuple[float, float] | float = (0.25, 0.5),
+    sources: Sequence[int] | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Paste a random box of ``source_image[sources[i]]`` into sample i, with its labels at every scale.
+
+    The one operation behind cutmix (sources from the same batch) and labelled-to-unlabelled copy-paste (BCP: a
+    labelled box with its true labels inside a pseudo-labelled image, so every mixed patch carries real labels).
+    ``sources`` defaults to sample i of the source batch. Boxes are drawn at full resolution and mapped to each scale
+    as in _box_at_scale(); the labels (including ``ignore_index`` voxels) travel with the image. Returns new tensors.
+    """
+    _check_image(image)
+    _check_labels(image, labels_list)
+    _check_labels(source_image, source_labels)
+    if source_image.shape[1:] != image.shape[1:] or len(source_labels) != len(labels_list):
+        raise ValueError(
+            f"source {tuple(source_image.shape)} with {len(source_labels)} label scales does not match image "
+            f"{tuple(image.shape)} with {len(labels_list)}"
+        )
+    rat = _check_ratio(ratio)
+    full = tuple(image.shape[2:])
+    sources = list(range(image.shape[0])) if sources is None else list(sources)
+    out_img = image.clone()
+    out_labels = [lab.clone() for lab in labels_list]
+    for b, src in enumerate(sources):
+        box = _sample_box(full, gen, rat)
+        region = (slice(None), *(slice(s, e) for s, e in box))
+        out_img[(b, *region)] = source_image[(src, *region)]
+        for lab, src_lab, out in zip(labels_list, source_labels, out_labels):
+            if src_lab.shape[2:] != lab.shape[2:]:
+                raise ValueError(f"label scales differ: {tuple(src_lab.shape)} vs {tuple(lab.shape)}")
+            sl = (slice(None), *_box_at_scale(box, full, lab.shape[2:]))
+            out[(b, *sl)] = src_lab[(src, *sl)].to(out.dtype)
+    return out_img, out_labels
+
+
 def cutmix(
     image: Tensor,
     labels_list: Sequence[Tensor],
@@ -406,18 +448,14 @@ def cutmix(
     """Paste a random box from another sample of the batch into each sample, image and labels at every scale alike.
 
     The source of sample i is a random derangement of the batch (never the sample itself when B >= 2; with B == 1 the
-    call is a no-op copy). Boxes are drawn at full resolution and mapped to each scale as in _box_at_scale(), and the
-    source labels (including any ``ignore_index`` voxels) are copied with the image. Returns new tensors.
+    call is a no-op copy); see paste_boxes(). Returns new tensors.
     """
     _check_image(image)
     _check_labels(image, labels_list)
     rat = _check_ratio(ratio)
     bsz = image.shape[0]
-    full = tuple(image.shape[2:])
-    out_img = image.clone()
-    out_labels = [lab.clone() for lab in labels_list]
     if bsz < 2:
-        return out_img, out_labels
+        return image.clone(), [lab.clone() for lab in labels_list]
     # random permutation p, then p[i] takes from p[i+1]: a derangement (no sample pastes onto itself)
     if isinstance(gen, random.Random):
         order = list(range(bsz))
@@ -427,12 +465,4 @@ def cutmix(
     source = [0] * bsz
     for i in range(bsz):
         source[order[i]] = order[(i + 1) % bsz]
-    for b in range(bsz):
-        box = _sample_box(full, gen, rat)
-        src = source[b]
-        region = (slice(None), *(slice(s, e) for s, e in box))
-        out_img[(b, *region)] = image[(src, *region)]
-        for lab, out in zip(labels_list, out_labels):
-            sl = (slice(None), *_box_at_scale(box, full, lab.shape[2:]))
-            out[(b, *sl)] = lab[(src, *sl)]
-    return out_img, out_labels
+    return paste_boxes(image, labels_list, image, labels_list, gen, rat, source)

@@ -50,6 +50,8 @@ ALIASES = [
     (PREDICT, ["--device", "cpu"], ["-device", "cpu"], "device"),
     (PREDICT, ["--step-size", "0.75"], ["-step_size", "0.75"], "step_size"),
     (PREDICT, ["--checkpoint", "best"], ["-chk", "checkpoint_best.pth"], "checkpoint"),
+    (PREDICT, ["--continue-prediction"], ["--continue_prediction"], "continue_prediction"),
+    (PREDICT, ["--continue-prediction"], ["--c"], "continue_prediction"),  # nnUNetv2_predict_from_modelfolder's
     (QUERY, ["--checkpoint", "best"], ["-chk", "checkpoint_best.pth"], "checkpoint"),
     (QUERY, ["--device", "cpu"], ["-device", "cpu"], "device"),
     (DEMO, ["--device", "cpu"], ["-device", "cpu"], "device"),
@@ -127,6 +129,8 @@ def test_every_parser_refuses_abbreviations() -> None:
         [*TRAIN, "--no-final"],
         [*PREDICT, "--save-prob"],
         [*PREDICT, "--no-mirror"],
+        [*PREDICT, "--continue"],  # train's flag; predict's is --continue_prediction
+        [*PREDICT, "--over"],
         [*QUERY, "--reuse", "never"],
         ["prepare", "-d", "4", "--labeled", "0.1"],  # was ambiguous; now simply unknown
         ["--vers"],
@@ -143,8 +147,6 @@ def test_prefixes_are_rejected_not_guessed(capsys: pytest.CaptureFixture[str], a
     [
         [*TRAIN, "--val"],  # nnU-Net: validation only; no equivalent here
         [*TRAIN, "--npz"],  # nnU-Net: save the final validation's softmax; no equivalent here
-        [*PREDICT, "--c"],  # nnU-Net: --continue_prediction; predict cannot resume
-        [*PREDICT, "--continue_prediction"],
         [*PREDICT, "-npp", "2"],  # nnU-Net's process counts; predict has none
         [*PREDICT, "-nps", "2"],
     ],
@@ -152,3 +154,21 @@ def test_prefixes_are_rejected_not_guessed(capsys: pytest.CaptureFixture[str], a
 )
 def test_nnunet_flags_without_an_equivalent_fail(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     assert "unrecognized arguments" in parse_error(capsys, *argv)
+
+
+def test_predict_continue_and_overwrite_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse(*PREDICT)
+    assert (args.continue_prediction, args.overwrite) == (False, False)  # the default refuses existing outputs
+    assert parse(*PREDICT, "--overwrite").overwrite
+    err = parse_error(capsys, *PREDICT, "--continue_prediction", "--overwrite")
+    assert "argument --overwrite: not allowed with argument --continue_prediction/--continue-prediction/--c" in err
+
+
+def test_predict_help_states_the_cpu_defaults_and_their_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("predict", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Default 0.5 for every configuration, _cpu included" in text
+    assert "Default: on, for every configuration including the _cpu ones" in text
+    assert "about 8x faster" in text and "27 windows per case at 0.5, 8 at 1.0" in text and "3.9 s" in text
+    assert "--continue_prediction" in text and "--overwrite" in text

@@ -6,8 +6,10 @@ path globals never leak between test modules; every test then predicts a few ima
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -23,7 +25,11 @@ import torch
 from nnfiltermatch import inference
 from nnfiltermatch.cli import main
 from nnfiltermatch.inference import (
+    PARTIAL_NAME,
+    PARTIAL_PREFIX,
+    CaseProgress,
     PredictionError,
+    atomic_plans_manager,
     load_checkpoint_safely,
     load_predictor,
     predict_folder,
@@ -132,6 +138,12 @@ def _run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int
     code = main(["predict", *map(str, args)])
     captured = capsys.readouterr()
     return code, captured.err
+
+
+def _run_cli_out_err(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    code = main(["predict", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 # ----- predictions --------------------------------------------------------------------------------------------
@@ -395,3 +407,169 @@ def test_model_dir_from_dataset_configuration_mode(model: Model, capsys: pytest.
     assert code == 2 and "either -m" in err
     with pytest.raises(PredictionError, match="--mode 'fancy'"):
         resolve_model_dir(901, CONFIG, "fancy")
+
+
+# ----- progress, resuming, refusing to overwrite ------------------------------------------------------------------
+class _Clock:
+    def __init__(self, *times: float) -> None:
+        self.times = list(times)
+
+    def __call__(self) -> float:
+        return self.times.pop(0)
+
+
+def test_progress_lines_per_case_with_eta() -> None:
+    """Off a terminal: one line per case; the ETA leaves out the first case, which also starts nnU-Net's workers."""
+    stream = io.StringIO()
+    progress = CaseProgress(4, stream, clock=_Clock(0.0, 10.0, 12.0, 14.5, 16.0))
+    for case in ("a", "b", "c", "d"):
+        progress.case_done(case)
+    progress.close()
+    assert stream.getvalue().splitlines() == [
+        "predict: 1/4 a predicted in 10.0 s; elapsed 0:10, ETA 0:30",
+        "predict: 2/4 b predicted in 2.0 s; elapsed 0:12, ETA 0:04",
+        "predict: 3/4 c predicted in 2.5 s; elapsed 0:14, ETA 0:02",
+        "predict: 4/4 d predicted in 1.5 s; elapsed 0:16, ETA 0:00",
+    ]
+
+
+def test_progress_bar_on_a_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = CaseProgress(3, stream)
+    for case in ("a", "b", "c"):
+        progress.case_done(case)
+    progress.note("done")
+    progress.close()
+    text = stream.getvalue()
+    assert "\r" in text and "predict: 100%" in text and "3/3" in text and "c]" in text  # tqdm: elapsed<ETA
+    assert "predict: done" in text and "predicted in" not in text
+
+
+def test_segmentations_are_written_under_a_temporary_name(tmp_path: Path) -> None:
+    """The final name holds a finished file or nothing: a write that breaks off leaves neither it nor a temporary."""
+    seen = []
+
+    class Writer:
+        fail = False
+
+        def write_seg(self, seg: np.ndarray, output_fname: str, properties: dict) -> None:
+            seen.append(Path(output_fname))
+            match = PARTIAL_NAME.match(Path(output_fname).name)
+            assert match and not (tmp_path / match["target"]).exists()  # the final name comes only when complete
+            Path(output_fname).write_bytes(b"half" if self.fail else b"whole")
+            if self.fail:
+                raise OSError("disk full")
+
+    atomic = inference._atomic_writer(Writer)
+    atomic().write_seg(np.zeros((1, 1, 1)), str(tmp_path / "case.nii.gz"), {})
+    assert (tmp_path / "case.nii.gz").read_bytes() == b"whole"
+    assert seen[0].parent == tmp_path and seen[0].name.endswith("-case.nii.gz")  # the ending picks the format
+    broken = atomic()
+    broken.fail = True
+    with pytest.raises(OSError, match="disk full"):
+        broken.write_seg(np.zeros((1, 1, 1)), str(tmp_path / "other.nii.gz"), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz"]
+
+
+def test_export_workers_get_the_atomic_writer() -> None:
+    """nnU-Net pickles the plans manager into its spawned export workers: the writer must survive that."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    manager = pickle.loads(pickle.dumps(atomic_plans_manager({"image_reader_writer": "SimpleITKIO"})))
+    assert manager.plans == {"image_reader_writer": "SimpleITKIO"}
+    writer = manager.image_reader_writer_class
+    assert issubclass(writer, SimpleITKIO) and issubclass(writer, inference._AtomicSegWriter)
+
+
+def test_progress_line_per_case(model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run_cli_out_err(capsys, "-i", model.inputs, "-o", tmp_path / "o", "-m", model.model_dir, *FAST)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if " predicted in " in line]
+    assert [line.split()[1:3] for line in lines] == [["1/2", CASES[0]], ["2/2", CASES[1]]]
+    assert all("elapsed 0:" in line and ", ETA 0:" in line for line in lines)
+    assert "predict: 2 case(s) in 0:" in err and "s per case" in err
+    assert "Predicting" not in out and out.startswith("Wrote 2 segmentations")  # nnU-Net's chatter held back
+
+
+def test_continue_prediction_keeps_complete_outputs(
+    model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    args = ("-i", model.inputs, "-o", out, "-m", model.model_dir, *FAST, "--no-mirroring")
+    code, err = _run_cli(capsys, *args)
+    assert code == 0, err
+    first, second = (out / f"{case}.nii.gz" for case in CASES)
+    reference = _array(second)
+    kept_bytes = first.read_bytes()
+    os.utime(first, ns=(10**18, 10**18))
+    second.unlink()
+    (out / f"{PARTIAL_PREFIX}0123abcd-{second.name}").write_bytes(b"left by a killed run")
+
+    code, err = _run_cli(capsys, *args, "--continue_prediction")
+    assert code == 0, err
+    assert first.stat().st_mtime_ns == 10**18 and first.read_bytes() == kept_bytes  # untouched
+    assert np.array_equal(_array(second), reference)
+    assert f"1 of 2 case(s) already complete in {out}, kept; 1 to predict" in err
+    assert f"predict: 1/1 {CASES[1]} predicted in" in err and CASES[0] not in err
+    assert not list(out.glob(f"{PARTIAL_PREFIX}*"))
+
+    second.write_bytes(second.read_bytes()[:200])  # what nnU-Net's in-place writer leaves when killed
+    code, err = _run_cli(capsys, *args, "--continue-prediction")
+    assert code == 0, err
+    assert f"{CASES[1]}: {second.name} is unreadable or truncated, predicting it again" in err
+    assert np.array_equal(_array(second), reference) and first.stat().st_mtime_ns == 10**18
+
+    code, err = _run_cli(capsys, *args, "--continue_prediction")
+    assert code == 0 and "2 of 2 case(s) already complete" in err and "0 to predict" in err
+    assert first.stat().st_mtime_ns == 10**18
+
+
+@pytest.mark.usefixtures("no_model_loading")
+def test_existing_outputs_are_refused_without_flags(
+    model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / f"{CASES[0]}.nii.gz").write_bytes(b"an earlier prediction")
+    args = ("-i", model.inputs, "-o", out, "-m", model.model_dir, *FAST)
+    code, err = _run_cli(capsys, *args)
+    assert code == 2
+    assert err.startswith(f"nnfiltermatch predict: error: -o {out} already holds the outputs of 1 of the 2 case(s)")
+    assert f"({CASES[0]}.nii.gz); nothing was predicted" in err
+    assert "--continue_prediction" in err and "--overwrite" in err
+    assert (out / f"{CASES[0]}.nii.gz").read_bytes() == b"an earlier prediction"
+    assert sorted(p.name for p in out.iterdir()) == [f"{CASES[0]}.nii.gz"]
+    with pytest.raises(AssertionError, match="the model was loaded"):  # both flags get past the check
+        _run_cli(capsys, *args, "--overwrite")
+    with pytest.raises(AssertionError, match="the model was loaded"):  # unreadable: predicted again
+        _run_cli(capsys, *args, "--continue_prediction")
+
+    for case in CASES:  # complete (readable) outputs of both cases: nothing to do, no model loaded
+        shutil.copy(model.inputs / f"{case}_0000.nii.gz", out / f"{case}.nii.gz")
+    code, err = _run_cli(capsys, *args, "--continue_prediction")
+    assert code == 0 and "2 of 2 case(s) already complete" in err
+    with pytest.raises(AssertionError, match="the model was loaded"):  # no .npz/.pkl: not complete for these
+        _run_cli(capsys, *args, "--continue_prediction", "--save-probabilities")
+    (out / f"{CASES[0]}.nii.gz").unlink()
+    (out / f"{CASES[1]}.nii.gz").unlink()
+    (out / f"{CASES[1]}.npz").write_bytes(b"x")
+    code, err = _run_cli(capsys, *args, "--save-probabilities")
+    assert code == 2 and f"({CASES[1]}.npz)" in err  # with probabilities, an .npz would be overwritten too
+    assert (out / f"{CASES[1]}.npz").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("keep", [0, 10, 200, 0.5, 0.99])
+def test_a_cut_off_segmentation_is_not_complete(tmp_path: Path, keep: float) -> None:
+    """--continue_prediction must not keep a file that a killed in-place writer left, however short."""
+    source = SUBSET / "labelsTs" / f"{CASES[0]}.nii.gz"
+    whole = source.read_bytes()
+    cut = tmp_path / source.name
+    cut.write_bytes(whole[: int(keep * len(whole)) if isinstance(keep, float) else keep])
+    assert inference._complete_output_problem([cut], tmp_path, ".nii.gz") == f"{cut.name} is unreadable or truncated"
+    cut.write_bytes(whole)
+    assert inference._complete_output_problem([cut], tmp_path, ".nii.gz") is None
+    assert inference._complete_output_problem([tmp_path / "x.npz", cut], tmp_path, ".nii.gz") == "x.npz missing"

@@ -269,10 +269,23 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     _add_checkpoint(p)
     _add_device(p)
     p.add_argument(
-        "--no-mirroring", "--disable_tta", dest="mirroring", action="store_false", help="no mirroring test-time aug."
+        "--no-mirroring",
+        "--disable_tta",
+        dest="mirroring",
+        action="store_false",
+        help="no mirroring test-time augmentation. Default: on, for every configuration including the _cpu ones; "
+        "it runs the network on all 8 flips of each 3D window (4 in 2D), so --no-mirroring predicts about 8x "
+        "faster (Hippocampus 3d_fullres_cpu: 3.9 s -> 0.5 s per case on one core) but costs Dice (README)",
     )
     p.add_argument(
-        "--step-size", "-step_size", type=float, default=0.5, help="sliding-window step, fraction of the patch"
+        "--step-size",
+        "-step_size",
+        type=float,
+        default=0.5,
+        help="sliding-window step, fraction of the patch. Default 0.5 for every configuration, _cpu included: "
+        "windows overlap by half, up to 2x the windows per axis of --step-size 1.0 (8x in 3D); the _cpu "
+        "configurations have half the patch, so they need about 8x the windows of their base on large images "
+        "(Hippocampus 3d_fullres_cpu: 27 windows per case at 0.5, 8 at 1.0; 3.9 s vs 1.3 s per case)",
     )
     p.add_argument(
         "--save-probabilities",
@@ -280,6 +293,21 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--npz",
         action="store_true",
         help="also write softmax .npz + .pkl (nnU-Net's)",
+    )
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--continue_prediction",
+        "--continue-prediction",
+        "--c",
+        dest="continue_prediction",
+        action="store_true",
+        help="resume an interrupted run: keep cases whose output in -o is complete, predict the others "
+        "(segmentations are written under a temporary name and renamed, so a file there is a finished one)",
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="predict every case and replace its output in -o (default: refuse if -o holds any of them)",
     )
 
 
@@ -465,6 +493,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         mirroring=args.mirroring,
         step_size=args.step_size,
         save_probabilities=args.save_probabilities,
+        existing="continue" if args.continue_prediction else "overwrite" if args.overwrite else "refuse",
     )
     print(f"Wrote {len(written)} segmentations to {args.output} (model {model_dir})")
     return 0

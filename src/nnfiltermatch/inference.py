@@ -6,6 +6,15 @@ nnU-Net's ``initialize_from_trained_model_folder`` finds the trainer class by th
 trainer variant with its own architecture keeps it) and handed to ``nnUNetPredictor.manual_initialization``; all
 preprocessing, Gaussian-weighted sliding windows, mirroring, fold ensembling and export stay nnU-Net's own.
 
+Two narrow hooks change what a prediction run looks like, not what it computes:
+
+* nnU-Net's per-case file iterator is wrapped (``_internal_get_data_iterator_from_lists_of_filenames``, the one place
+  that sees every case in turn) to report progress with elapsed time and ETA (``CaseProgress``).
+* nnU-Net's export writes ``CASE<ending>`` straight to its final name, so a killed run can leave a truncated file that
+  its own ``--continue_prediction`` (a bare ``isfile``) takes as done. Our plans manager hands the export workers a
+  reader/writer whose ``write_seg`` writes ``.nnfm-partial-*`` and renames it (``os.replace``). nnU-Net writes
+  ``.npz`` and ``.pkl`` before the segmentation, so an existing segmentation means a finished case.
+
 What is trusted
 ---------------
 * The model folder is trusted *configuration*: ``plans.json`` and ``dataset.json`` decide which network class is
@@ -25,23 +34,34 @@ What is trusted
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import os
 import pickle
 import re
+import sys
+import time
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 CHECKPOINTS: dict[str, str] = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 CHANNEL_DIGITS = 4
 _LISTED = 8  # how many names an error message lists before "..."
+PARTIAL_PREFIX = ".nnfm-partial-"  # segmentations being written; hidden, so that no folder scan takes them as cases
+PARTIAL_NAME = re.compile(rf"^{re.escape(PARTIAL_PREFIX)}[0-9a-f]{{8}}-(?P<target>.+)$")
+Existing = Literal["refuse", "continue", "overwrite"]
+EXISTING: tuple[str, ...] = ("refuse", "continue", "overwrite")
 
 
 class PredictionError(ValueError):
@@ -262,9 +282,7 @@ def load_predictor(
     step_size: float = 0.5,
 ) -> nnUNetPredictor:
     """An initialised ``nnUNetPredictor`` for the given folds (ensembled when several), without nnU-Net's lookup."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     model_dir = Path(model_dir)
     plans, dataset_json = read_model_folder(model_dir)
@@ -293,7 +311,7 @@ def load_predictor(
         parameters.append(ckpt["network_weights"])
     assert trainer_name is not None and configuration is not None
 
-    plans_manager = PlansManager(plans)
+    plans_manager = atomic_plans_manager(plans)
     if configuration not in plans.get("configurations", {}):
         raise PredictionError(
             f"{model_dir / 'plans.json'} has no configuration {configuration!r} (the checkpoint's): "
@@ -315,7 +333,7 @@ def load_predictor(
             ) from exc
     network.load_state_dict(parameters[0])
 
-    predictor = nnUNetPredictor(
+    predictor = _predictor_class()(
         tile_step_size=step_size,
         use_gaussian=True,
         use_mirroring=mirroring,
@@ -329,6 +347,133 @@ def load_predictor(
         network, plans_manager, configuration_manager, parameters, dataset_json, trainer_name, mirror_axes
     )
     return predictor
+
+
+# ----- the two hooks: per-case progress, segmentations written under a temporary name ---------------------------
+@functools.cache
+def _predictor_class() -> type[nnUNetPredictor]:
+    """nnU-Net's predictor whose file iterator can be observed case by case (built lazily: importing nnU-Net reads
+    its environment, which the commands set first)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    class ObservedPredictor(nnUNetPredictor):
+        """``case_observer`` wraps the iterator of preprocessed cases; everything else is nnU-Net's."""
+
+        case_observer: Callable[[Iterator[dict[str, Any]]], Iterator[dict[str, Any]]] | None = None
+
+        def _internal_get_data_iterator_from_lists_of_filenames(self, *args: Any, **kwargs: Any) -> Any:
+            iterator = super()._internal_get_data_iterator_from_lists_of_filenames(*args, **kwargs)
+            return iterator if self.case_observer is None else self.case_observer(iterator)
+
+    return ObservedPredictor
+
+
+class _AtomicSegWriter:
+    """Mixin for an nnU-Net reader/writer: ``write_seg`` writes a hidden temporary file beside the target and renames
+    it, so the target name only ever holds a complete segmentation (an interrupted run leaves the old file or none)."""
+
+    def write_seg(self, seg: np.ndarray, output_fname: str, properties: dict[str, Any]) -> None:
+        target = Path(output_fname)
+        # the full name stays at the end: the writer picks the format by the ending (.nii.gz, .nrrd ...)
+        temporary = target.with_name(f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}")
+        try:
+            super().write_seg(seg, str(temporary), properties)  # type: ignore[misc]
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+@functools.cache
+def _atomic_writer(base: type) -> type:
+    """``base`` (nnU-Net's reader/writer class named in plans.json) with the atomic ``write_seg``; reads unchanged."""
+    return type(f"Atomic{base.__name__}", (_AtomicSegWriter, base), {})
+
+
+@functools.cache
+def _atomic_plans_manager_class() -> type[PlansManager]:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    class AtomicPlansManager(PlansManager):
+        """nnU-Net's plans manager whose reader/writer class writes segmentations atomically.
+
+        nnU-Net's export workers get this object pickled (spawn) and ask it for the writer, so this is where the
+        export can be changed without touching nnU-Net's code; ``__reduce__`` rebuilds it from the plans there.
+        """
+
+        @property
+        def image_reader_writer_class(self) -> type:
+            return _atomic_writer(super().image_reader_writer_class)
+
+        def __reduce__(self) -> tuple[Any, ...]:
+            return atomic_plans_manager, (self.plans,)
+
+    return AtomicPlansManager
+
+
+def atomic_plans_manager(plans: dict[str, Any]) -> PlansManager:
+    """A ``PlansManager`` for ``plans`` whose exports write each segmentation under a temporary name and rename it."""
+    return _atomic_plans_manager_class()(plans)
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class CaseProgress:
+    """Progress of a prediction, case by case, with elapsed time and ETA, on stderr.
+
+    A tqdm bar on a terminal; otherwise (a log file, a pipe, CI) one line per case, since a redrawn bar would fill a
+    log with carriage returns. The ETA is the mean time per case after the first, which alone also pays for starting
+    nnU-Net's worker processes.
+    """
+
+    def __init__(self, total: int, stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = total
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
+        self.done = 0
+        self.started = clock()
+        self._last = self.started
+        self._first_done: float | None = None
+        self._bar: Any = None
+        isatty = getattr(self.stream, "isatty", None)
+        if callable(isatty) and isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:  # plain lines then
+                pass
+            else:
+                self._bar = tqdm(total=total, desc="predict", unit="case", file=self.stream, dynamic_ncols=True)
+
+    def case_done(self, case: str) -> None:
+        now = self.clock()
+        took, self._last = now - self._last, now
+        self.done += 1
+        if self._first_done is None:
+            self._first_done = now
+        if self._bar is not None:
+            self._bar.set_postfix_str(case, refresh=False)
+            self._bar.update(1)
+            return
+        per_case = (now - self._first_done) / (self.done - 1) if self.done > 1 else took
+        eta = per_case * (self.total - self.done)
+        self.note(
+            f"{self.done}/{self.total} {case} predicted in {took:.1f} s; elapsed {_clock(now - self.started)}, "
+            f"ETA {_clock(eta)}"
+        )
+
+    def note(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(f"predict: {message}", file=self.stream)
+        else:
+            print(f"predict: {message}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 # ----- input and output folders -----------------------------------------------------------------------------------
@@ -398,6 +543,92 @@ def _check_output_dir(output_dir: Path, input_dir: Path) -> None:
         raise PredictionError(f"-o {output_dir} is the input folder: write predictions to another folder")
 
 
+def case_outputs(output_dir: Path, case: str, ending: str, save_probabilities: bool) -> list[Path]:
+    """The files nnU-Net's export writes for a case, in its order: ``.npz`` and ``.pkl`` (if asked), then the
+    segmentation, which is renamed into place last."""
+    probabilities = [output_dir / f"{case}.npz", output_dir / f"{case}.pkl"] if save_probabilities else []
+    return [*probabilities, output_dir / f"{case}{ending}"]
+
+
+def _complete_output_problem(files: list[Path], output_dir: Path, ending: str) -> str | None:
+    """Why a case's existing outputs are not a finished prediction (a file missing, or a segmentation that cannot
+    be read: written by nnU-Net itself or an older version, which wrote in place); None when complete."""
+    from nnfiltermatch.inventory import check_image_files
+
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    segmentation = files[-1]
+    if _gzip_broken(segmentation) or check_image_files([segmentation], output_dir, ending):
+        return f"{segmentation.name} is unreadable or truncated"
+    return None
+
+
+def _gzip_broken(path: Path) -> bool:
+    """A .gz that does not decompress to its end-of-stream marker. The header checks miss a file cut off within its
+    first few hundred bytes, and readers zero-fill a truncated one; segmentations are small enough to read whole."""
+    import gzip
+    import zlib
+
+    if not path.name.endswith(".gz"):
+        return False
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error):
+        return True
+    return False
+
+
+def select_cases(
+    cases: dict[str, list[Path]],
+    output_dir: Path,
+    ending: str,
+    save_probabilities: bool,
+    existing: Existing,
+) -> tuple[dict[str, list[Path]], list[str], list[str]]:
+    """(cases to predict, cases kept, notes on incomplete outputs predicted again), or a refusal for ``refuse``.
+
+    Checked before any image is read or model loaded: a run into a folder of earlier predictions should not spend an
+    hour before it says so, nor replace them without being asked.
+    """
+    outputs = {case: case_outputs(output_dir, case, ending, save_probabilities) for case in cases}
+    if existing == "overwrite" or not output_dir.is_dir():
+        return dict(cases), [], []
+    if existing == "refuse":
+        there = [p for files in outputs.values() for p in files if p.exists()]
+        if there:
+            n_cases = sum(any(p.exists() for p in files) for files in outputs.values())
+            raise PredictionError(
+                f"-o {output_dir} already holds the outputs of {n_cases} of the {len(cases)} case(s) to predict "
+                f"({_names(there)}); nothing was predicted. Pass --continue_prediction to keep the complete ones and "
+                "predict only the rest, or --overwrite to predict every case again and replace them"
+            )
+        return dict(cases), [], []
+    todo: dict[str, list[Path]] = {}
+    kept: list[str] = []
+    notes: list[str] = []
+    for case, files in cases.items():
+        if not any(p.exists() for p in outputs[case]):
+            todo[case] = files
+        elif problem := _complete_output_problem(outputs[case], output_dir, ending):
+            todo[case] = files
+            notes.append(f"{case}: {problem}, predicting it again")
+        else:
+            kept.append(case)
+    return todo, kept, notes
+
+
+def _remove_partial_files(output_dir: Path, names: set[str]) -> None:
+    """Remove the temporary segmentations a killed run left for these output names (only ours: PARTIAL_NAME)."""
+    if output_dir.is_dir():
+        for p in output_dir.glob(f"{PARTIAL_PREFIX}*"):
+            match = PARTIAL_NAME.match(p.name)
+            if match and match["target"] in names:
+                p.unlink(missing_ok=True)
+
+
 def predict_folder(
     input_dir: Path,
     output_dir: Path,
@@ -408,21 +639,52 @@ def predict_folder(
     mirroring: bool = True,
     step_size: float = 0.5,
     save_probabilities: bool = False,
+    existing: Existing = "overwrite",
+    progress: bool = True,
 ) -> list[Path]:
-    """Segment every case of ``input_dir`` into ``output_dir`` (CASE<ending>); returns the written files.
+    """Segment the cases of ``input_dir`` into ``output_dir`` (CASE<ending>); returns the files written now.
 
-    Everything that can be checked cheaply (model folder, checkpoints, inputs, output folder) is checked before
-    the checkpoints are loaded; input images are checked like training images (headers, truncation, NaN/inf).
-    On CPU, 1 preprocessing and 1 export worker.
+    ``existing`` says what to do with outputs already in ``output_dir`` for these cases: ``refuse`` (the command's
+    default: a ``PredictionError`` before any work), ``continue`` (keep complete ones, predict the rest) or
+    ``overwrite`` (predict all; the default here, for callers that own the folder). Everything that can be checked
+    cheaply (model folder, checkpoints, inputs, output folder) is checked before the checkpoints are loaded; input
+    images are checked like training images (headers, truncation, NaN/inf). With ``progress``, one line per case
+    with elapsed time and ETA goes to stderr, and nnU-Net's own per-case chatter on stdout is held back (printed to
+    stderr only if the prediction fails). On CPU, 1 preprocessing and 1 export worker.
     """
+    if existing not in EXISTING:
+        raise PredictionError(f"existing={existing!r}: choose one of {', '.join(EXISTING)}")
     input_dir, output_dir, model_dir = Path(input_dir), Path(output_dir), Path(model_dir)
     _, dataset_json = read_model_folder(model_dir)
     checkpoint_files(model_dir, folds, checkpoint)
+    ending = dataset_json.get("file_ending", ".nii.gz")
     cases = collect_cases(input_dir, dataset_json)
     _check_output_dir(output_dir, input_dir)
-    check_input_images(input_dir, cases, dataset_json)
+    todo, kept, notes = select_cases(cases, output_dir, ending, save_probabilities, existing)
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"predict: {message}", file=sys.stderr, flush=True)
+
+    for note in notes:
+        say(note)
+    if kept:
+        say(f"{len(kept)} of {len(cases)} case(s) already complete in {output_dir}, kept; {len(todo)} to predict")
+    if not todo:
+        return []
+    check_input_images(input_dir, todo, dataset_json)
     device = device or default_device()
-    predictor = load_predictor(model_dir, folds, checkpoint, device, mirroring, step_size)
+    chatter = io.StringIO()  # nnU-Net's print()s, held back while progress is shown
+
+    def held_back() -> contextlib.AbstractContextManager[Any]:
+        return contextlib.redirect_stdout(chatter) if progress else contextlib.nullcontext()
+
+    try:
+        with held_back():
+            predictor = load_predictor(model_dir, folds, checkpoint, device, mirroring, step_size)
+    except BaseException:
+        sys.stderr.write(chatter.getvalue())
+        raise
     previous = predictor.configuration_manager.previous_stage_name
     if previous is not None:
         raise PredictionError(
@@ -431,18 +693,45 @@ def predict_folder(
         )
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    _remove_partial_files(output_dir, {f"{case}{ending}" for case in todo})
+    bar = CaseProgress(len(todo)) if progress else None
+
+    def observe(iterator: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for item in iterator:
+            case = Path(item["ofile"]).name
+            if save_probabilities:
+                # .npz/.pkl are written in place before the segmentation: without the old segmentation, a run killed
+                # in between leaves this case incomplete instead of pairing old and new files
+                (output_dir / f"{case}{ending}").unlink(missing_ok=True)
+            yield item
+            if bar is not None:
+                bar.case_done(case)
+        if bar is not None:
+            bar.note(f"all {len(todo)} case(s) predicted; waiting for nnU-Net's export to write the last ones")
+
+    predictor.case_observer = observe  # type: ignore[attr-defined]
     workers = 1 if predictor.device.type == "cpu" else max(1, min(3, os.cpu_count() or 1))
-    predictor.predict_from_files(
-        [[str(p) for p in files] for files in cases.values()],
-        [str(output_dir / case) for case in cases],
-        save_probabilities=save_probabilities,
-        overwrite=True,
-        num_processes_preprocessing=workers,
-        num_processes_segmentation_export=workers,
-    )
-    ending = dataset_json.get("file_ending", ".nii.gz")
-    written = [output_dir / f"{case}{ending}" for case in cases]
+    started = time.monotonic()
+    try:
+        with held_back():
+            predictor.predict_from_files(
+                [[str(p) for p in files] for files in todo.values()],
+                [str(output_dir / case) for case in todo],
+                save_probabilities=save_probabilities,
+                overwrite=True,  # the cases were chosen above
+                num_processes_preprocessing=workers,
+                num_processes_segmentation_export=workers,
+            )
+    except BaseException:
+        sys.stderr.write(chatter.getvalue())
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    written = [output_dir / f"{case}{ending}" for case in todo]
     missing = [p for p in written if not p.is_file()]
     if missing:
         raise RuntimeError(f"nnU-Net's export did not write {_names(missing)}")
+    seconds = time.monotonic() - started
+    say(f"{len(written)} case(s) in {_clock(seconds)} ({seconds / len(written):.1f} s per case, export included)")
     return written

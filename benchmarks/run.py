@@ -33,9 +33,13 @@ from nnfiltermatch.files import atomic_write_text
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+# candidate defaults: a mode plus options, ablated against the mode on validation cases before any becomes a default
+VARIANTS: dict[str, dict[str, Any]] = {
+    "copypaste": {"mode": "filtermatch", "copy_paste_p": 1.0},  # BCP mixes every unlabelled patch
+}
 # supervised first: selftrain starts from (reuses) the supervised run of the same seed; "paper" is filtermatch with
 # --preset paper at the profile's schedule
-MODES = ("supervised", "selftrain", "ssl", "filtermatch", "paper")
+MODES = ("supervised", "selftrain", "ssl", "filtermatch", "paper", *VARIANTS)
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
 
@@ -416,6 +420,8 @@ def arm_config(arm: str, overrides: dict[str, Any], profile: Profile) -> Any:
     300, flips from 1/3)."""
     from nnfiltermatch.config import paper_values, resolve_config
 
+    if arm in VARIANTS:
+        return resolve_config({**overrides, **VARIANTS[arm]}, preset=profile.preset)
     if arm != "paper":
         return resolve_config({**overrides, "mode": arm}, preset=profile.preset)
     reference = paper_values(overrides.get("labeled_fraction"))
@@ -751,7 +757,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
     parser.add_argument("--epochs", type=int, help="override the profile's epochs (recorded in results.json)")
     parser.add_argument("--iters-per-epoch", type=int, help="override the profile's iterations per epoch")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=[m for m in MODES if m not in VARIANTS])
     parser.add_argument("--device", default=None)
     parser.add_argument("--shared", help="folder with hippocampus/, acdc/, la/ (default ../shared/data)")
     parser.add_argument("--work", type=Path, default=REPO / "work_dirs")

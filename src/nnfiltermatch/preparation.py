@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from nnfiltermatch.files import atomic_write_text, disk_full_reason, format_size
 from nnfiltermatch.inventory import Case, DatasetInventory, build_inventory, sample_labeled_ids, write_labeled_list
+from nnfiltermatch.locks import LOCK_NAME, LockError, run_lock
 
 MANIFEST_NAME = "nnfiltermatch_prepare.json"
 LABELED_LIST_NAME = "nnfiltermatch_labeled_cases.txt"
@@ -46,6 +47,21 @@ DEFAULT_PLANS = "nnUNetPlans"
 
 class PreparationError(RuntimeError):
     """A preparation step cannot run; the message says what to fix."""
+
+
+@contextmanager
+def dataset_lock(out: Path, what: str) -> Iterator[None]:
+    """Hold ``out/.nnfiltermatch.lock`` (the preprocessed dataset) for the block: one prepare / add-labels at a time.
+
+    Why: two prepares of one dataset interleave their installs (one once reported success with an empty unlabelled
+    folder). A held lock is a PreparationError, so the CLI reports it like any refusal (exit 2).
+    """
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(out / LOCK_NAME, what))
+        except LockError as exc:
+            raise PreparationError(str(exc)) from exc
+        yield
 
 
 def env_folder(name: str) -> Path:
@@ -412,10 +428,9 @@ def prepare(
     """Validate, plan and preprocess; a second call with the same inputs does no work.
 
     Everything is written under temporary names and installed by renames once a configuration is complete, with the
-    manifest last: a failure (a full disk included) leaves the previous preparation as it was.
+    manifest last: a failure (a full disk included) leaves the previous preparation as it was. The whole run, from
+    reading the manifest to writing it, holds the dataset's lock, so a concurrent prepare or add-labels is refused.
     """
-    from nnfiltermatch.inventory import read_labeled_list
-
     if labeled_list is not None and labeled_fraction is not None:
         raise PreparationError("give either --labeled-list or --labeled-fraction, not both")
     dataset_name = dataset_name_from_id(dataset)
@@ -425,6 +440,35 @@ def prepare(
             f"{raw_dir} does not exist: put the raw dataset there (imagesTr, labelsTr, dataset.json)"
         )
     out = preprocessed_root(dataset_name)
+    # the lock creates ``out`` if needed and removes it again if a refused or failed first prepare leaves it empty
+    with dataset_lock(out, f"prepare {dataset_name}"):
+        return _prepare_locked(
+            dataset_name,
+            raw_dir,
+            out,
+            configurations,
+            labeled_list,
+            labeled_fraction,
+            seed,
+            plans_name,
+            num_processes,
+            allow_no_unlabeled,
+        )
+
+
+def _prepare_locked(
+    dataset_name: str,
+    raw_dir: Path,
+    out: Path,
+    configurations: list[str],
+    labeled_list: Path | None,
+    labeled_fraction: float | None,
+    seed: int,
+    plans_name: str,
+    num_processes: int,
+    allow_no_unlabeled: bool,
+) -> PreparedDataset:
+    from nnfiltermatch.inventory import read_labeled_list
 
     manifest_file = out / MANIFEST_NAME
     manifest: dict[str, Any] = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
@@ -437,8 +481,6 @@ def prepare(
     inventory = build_inventory(raw_dir, labeled_ids, allow_empty_unlabeled=allow_no_unlabeled)
     digest, file_records = _inputs_digest(inventory, plans_name, manifest.get(FILE_RECORDS_KEY))
 
-    existed = out.is_dir()
-    out.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out)
     staging = out / PREPARE_STAGING_NAME
     staged: Path | None = None  # planning output waiting to be installed with the first configuration
@@ -513,8 +555,6 @@ def prepare(
         written, cases_written = _partial_usage(out)
         shutil.rmtree(staging, ignore_errors=True)
         _remove_leftovers(out)
-        if not existed and not any(out.iterdir()):
-            out.rmdir()
         if full is None:
             raise
         total = len(inventory.labeled) + len(inventory.unlabeled)
@@ -735,7 +775,25 @@ def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] |
     manifest is written last, with the digest ``prepare`` will compute for the new state, so a later ``prepare``
     (with the original labelled list, too) does not re-plan. ``configurations`` None: every preprocessed one;
     others are marked stale (removed from the manifest) and preprocessed again by the next ``prepare -c``.
+    The check of the manifest and all the moves happen under the dataset's lock (as in ``prepare``).
     """
+    dataset_name = dataset_name_from_id(dataset)
+    out = preprocessed_root(dataset_name)
+    if not out.is_dir():
+        _require_manifest(out / MANIFEST_NAME, dataset_name)
+    with dataset_lock(out, f"prepare {dataset_name} --add-labels {labels_dir}"):
+        return _add_labels_locked(dataset_name, out, Path(labels_dir), configurations)
+
+
+def _require_manifest(manifest_file: Path, dataset_name: str) -> None:
+    if not manifest_file.is_file():
+        raise PreparationError(
+            f"{manifest_file} not found: prepare the dataset first (`nnfiltermatch prepare -d {dataset_name}`), "
+            "train, query, annotate, then add the labels"
+        )
+
+
+def _add_labels_locked(dataset_name: str, out: Path, labels_dir: Path, configurations: list[str] | None) -> AddedLabels:
     from nnfiltermatch.inventory import (
         DataValidationError,
         _check_contents,
@@ -743,15 +801,9 @@ def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] |
         _load_dataset_json,
     )
 
-    dataset_name = dataset_name_from_id(dataset)
     raw_dir = env_folder("nnUNet_raw") / dataset_name
-    out = preprocessed_root(dataset_name)
     manifest_file = out / MANIFEST_NAME
-    if not manifest_file.is_file():
-        raise PreparationError(
-            f"{manifest_file} not found: prepare the dataset first (`nnfiltermatch prepare -d {dataset_name}`), "
-            "train, query, annotate, then add the labels"
-        )
+    _require_manifest(manifest_file, dataset_name)
     manifest: dict[str, Any] = json.loads(manifest_file.read_text())
     plans_name = manifest["plans_name"]
     dataset_json_raw, num_channels, file_ending, allowed_labels = _load_dataset_json(raw_dir)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig
+from nnfiltermatch.locks import LOCK_NAME, LockError, run_lock
 from nnfiltermatch.preparation import PreparationError, PreparedDataset, env_folder, load_prepared, preprocessed_root
 
 
@@ -88,6 +91,32 @@ def output_folder_for(
     return (
         env_folder("nnUNet_results") / dataset_name / f"{trainer_name}__{plans_name}__{configuration}" / f"fold_{fold}"
     )
+
+
+@contextmanager
+def model_folder_lock(folders: list[Path], what: str) -> Iterator[None]:
+    """Hold the lock of each fold output folder for the block: one training per folder, the second one refused.
+
+    Why: two trainings into one folder both ran, and its checkpoints and configuration came from different runs.
+    One process per run takes the lock: the caller of ``train`` (its ``--num-gpus`` workers never lock), or under
+    torchrun global rank 0, which tells the other ranks whether it got it, so all ranks stop together.
+    """
+    with ExitStack() as stack:
+        refusal: str | None = None
+        cause: BaseException | None = None
+        if distributed.rank() == 0:
+            try:
+                for folder in folders:
+                    stack.enter_context(run_lock(folder / LOCK_NAME, what))
+            except LockError as exc:
+                refusal, cause = str(exc), exc
+            except OSError as exc:
+                refusal, cause = f"{what}: cannot create the lock in {folder}: {exc}", exc
+        refusal = distributed.broadcast_from_rank0(refusal)
+        if refusal is not None:
+            raise PreparationError(refusal) from cause
+        yield
+        distributed.barrier()  # rank 0 releases only once every rank is done with the folder (not after an error)
 
 
 def build_trainer(
@@ -190,6 +219,21 @@ def _self_train(
     if supervised.labeled_fraction is None:
         supervised.labeled_fraction = prepared.labeled_fraction
     sup_out = output_folder_for(dataset_name, TRAINERS["supervised"].__name__, prepared.plans_name, configuration, fold)
+    out = output_folder_for(dataset_name, TRAINERS["selftrain"].__name__, prepared.plans_name, configuration, fold)
+    # both folders for the whole run: stage 2 reads stage 1's weights, and a busy stage 2 is refused before stage 1
+    with model_folder_lock([sup_out, out], f"train --mode {config.mode}"):
+        return _self_train_locked(dataset_name, configuration, fold, supervised, stage2, run, sup_out)
+
+
+def _self_train_locked(
+    dataset_name: str,
+    configuration: str,
+    fold: int | str,
+    supervised: TrainConfig,
+    stage2: TrainConfig,
+    run: RunOptions,
+    sup_out: Path,
+) -> TrainResult:
     reused = finished_with(sup_out, supervised)
     if not reused and (sup_out / "checkpoint_final.pth").is_file() and not (run.overwrite or run.continue_training):
         raise PreparationError(
@@ -271,6 +315,18 @@ def _train(
         config.labeled_fraction = prepared.labeled_fraction
     trainer_class = TRAINERS[config.mode]
     out = output_folder_for(dataset_name, trainer_class.__name__, prepared.plans_name, configuration, fold)
+    with model_folder_lock([out], f"train --mode {config.mode}"):  # the checks below and the training, as one
+        return _train_into(out, dataset_name, configuration, fold, config, run)
+
+
+def _train_into(
+    out: Path,
+    dataset_name: str,
+    configuration: str,
+    fold: int | str,
+    config: TrainConfig,
+    run: RunOptions,
+) -> TrainResult:
     existing = [name for name in ("checkpoint_final.pth", "checkpoint_latest.pth") if (out / name).exists()]
     if existing and not (run.continue_training or run.overwrite):
         raise PreparationError(

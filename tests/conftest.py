@@ -65,3 +65,22 @@ def prepared(nnunet_tree: Path) -> Path:
 
     prepare(DATASET, [CONFIG], labeled_list=nnunet_tree / "labeled.txt", num_processes=1)
     return nnunet_tree
+
+
+def overwrite_tensor_bytes(path: Path, tensors: dict, payload: bytes) -> str:
+    """Write ``payload`` over the middle of the largest of ``tensors`` inside the saved file, in place and size
+    unchanged, as disk damage would; returns the tensor's name.
+
+    torch stores tensors uncompressed, so their bytes are found verbatim; ``network_weights`` is pickled first, so
+    the first occurrence is that tensor even where the teacher holds an identical copy.
+    """
+    name = max(tensors, key=lambda key: tensors[key].numel())
+    raw = tensors[name].contiguous().numpy().tobytes()
+    assert len(raw) >= 2 * len(payload), f"{name} is too small for {len(payload)} bytes"
+    data = bytearray(path.read_bytes())
+    start = data.find(raw)
+    assert start >= 0, f"{name} not found verbatim in {path}"
+    at = start + len(raw) // 8 * 4  # the middle, on a float32 boundary
+    data[at : at + len(payload)] = payload
+    path.write_bytes(bytes(data))
+    return name

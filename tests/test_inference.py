@@ -22,12 +22,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import overwrite_tensor_bytes
 from nnfiltermatch import inference
 from nnfiltermatch.cli import main
 from nnfiltermatch.inference import (
+    DIGEST_KEY,
     PARTIAL_NAME,
     PARTIAL_PREFIX,
+    STATE_KEY,
     CaseProgress,
+    CheckpointError,
     PredictionError,
     atomic_plans_manager,
     load_checkpoint_safely,
@@ -131,6 +135,9 @@ def _forced(ckpt: dict, label: int) -> dict:
     bias = torch.full_like(forced["network_weights"][key], -50.0)  # small enough for nnU-Net's fp16 accumulator
     bias[label] = 50.0
     forced["network_weights"][key] = bias
+    # edited on purpose: drop the stored checksum (as the refusal of an altered checkpoint tells a user to)
+    state = {k: v for k, v in ckpt["init_args"][STATE_KEY].items() if k != DIGEST_KEY}
+    forced["init_args"] = {**ckpt["init_args"], STATE_KEY: state}
     return forced
 
 
@@ -391,6 +398,55 @@ def test_unreadable_checkpoint_and_bad_step_size(
     code, err = _run_cli(capsys, "-i", model.inputs, "-o", tmp_path / "out", "-m", model.model_dir, "--step-size", "2")
     assert code == 2 and "--step-size 2.0: must be in (0, 1]" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_damaged_weights_are_refused_by_predict(
+    model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """4 KiB of NaN inside one tensor of checkpoint_final (size unchanged) used to predict all-zero masks, rc 0."""
+    folder = _copy_model(model, tmp_path / "m", {})
+    shutil.copytree(model.model_dir / "fold_all", folder / "fold_all")  # checkpoint_final and checkpoint_best
+    path = folder / "fold_all" / "checkpoint_final.pth"
+    weights = _final(model)["network_weights"]
+    size = path.stat().st_size
+    name = overwrite_tensor_bytes(path, weights, np.full(1024, np.nan, np.float32).tobytes())
+    assert path.stat().st_size == size
+    code, err = _run_cli(capsys, "-i", model.inputs, "-o", tmp_path / "out", "-m", folder, *FAST)
+    assert code == 2 and f"fold all: {path}: unusable weights" in err
+    damaged = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    nan_names = [k for k, v in damaged.items() if not torch.isfinite(v).all()]  # the tensor and its aliases
+    assert name in nan_names  # nnU-Net's state dict names one tensor several times (all_modules, decoder.encoder)
+    found = f"{len(nan_names)} of {len(weights)} tensors of its network_weights hold NaN or infinite values"
+    assert f"{found} ({', '.join(nan_names)})" in err
+    assert "network_weights differ from the SHA-256 checksum stored when it was written" in err
+    assert "Predict with --checkpoint best (fold_all/checkpoint_best.pth, written at the end of epoch" in err
+    assert not (tmp_path / "out").exists()
+    best = ("--checkpoint", "best", "--no-mirroring", *FAST)
+    code, err = _run_cli(capsys, "-i", model.inputs, "-o", tmp_path / "out", "-m", folder, *best)
+    assert code == 0, err  # the undamaged one still predicts
+
+
+def test_altered_finite_weights_fail_their_checksum(model: Model, tmp_path: Path) -> None:
+    """A finite change passes any NaN check; the digest stored at save catches it, in the network and the teacher."""
+    for part in ("network_weights", "teacher"):
+        ckpt = _final(model)
+        weights = ckpt["network_weights"] if part == "network_weights" else ckpt["init_args"][STATE_KEY]["teacher"]
+        key = next(k for k, v in weights.items() if v.is_floating_point())
+        weights[key] = weights[key].clone()
+        weights[key].view(-1)[0] += 1e-3
+        torch.save(ckpt, tmp_path / "altered.pth")
+        with pytest.raises(CheckpointError) as refused:
+            load_checkpoint_safely(tmp_path / "altered.pth")
+        message = str(refused.value)
+        assert f"{part} differ from the SHA-256 checksum" in message and "every value is finite" in message
+        assert f"delete init_args['{STATE_KEY}']['{DIGEST_KEY}']" in message
+    del ckpt["init_args"][STATE_KEY][DIGEST_KEY]  # no digest, as in nnU-Net's own checkpoints: finite check only
+    torch.save(ckpt, tmp_path / "undigested.pth")
+    load_checkpoint_safely(tmp_path / "undigested.pth")
+    ckpt["network_weights"][key] = torch.full_like(ckpt["network_weights"][key], float("inf"))
+    torch.save(ckpt, tmp_path / "undigested.pth")
+    with pytest.raises(CheckpointError, match=f"values \\({key}\\); the file stores no checksum"):
+        load_checkpoint_safely(tmp_path / "undigested.pth")
 
 
 def test_model_dir_from_dataset_configuration_mode(model: Model, capsys: pytest.CaptureFixture[str]) -> None:

@@ -166,6 +166,7 @@ def shifted_model(model: Model, folder: Path, shift: float) -> Path:
         key=lambda k: int(k.split(".")[2]),
     )
     checkpoint["network_weights"][bias][0] += shift  # a uniform shift of the background logit
+    checkpoint["init_args"][STATE_KEY].pop("weights_digest")  # edited on purpose: the stored checksum no longer holds
     shifted = folder / TRAINER_DIR
     (shifted / "fold_all").mkdir(parents=True)
     for name in ("plans.json", "dataset.json"):

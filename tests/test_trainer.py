@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIG, DATASET
+from conftest import CONFIG, DATASET, overwrite_tensor_bytes
 from nnfiltermatch.config import CONFIG_FILENAME, resolve_config
 from nnfiltermatch.preparation import PreparationError
 from nnfiltermatch.trainer import STATE_KEY
@@ -299,6 +301,101 @@ def test_continue_refuses_a_plain_nnunet_checkpoint(prepared: Path) -> None:
     torch.save(checkpoint, out / "checkpoint_final.pth")
     with pytest.raises(PreparationError, match="not written by nnfiltermatch"):
         train(DATASET, CONFIG, "all", config, "cpu", continue_training=True, final_validation=False)
+
+
+def test_nan_loss_stops_the_run_and_damaged_checkpoints_are_refused(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loss gone NaN after epoch 0 stops the run before NaN weights reach a checkpoint, naming the good one; a
+    checkpoint damaged on disk (NaN bytes, or a finite change caught by its checksum) is refused by --continue,
+    which says how to resume from checkpoint_best.pth; following that advice finishes the run."""
+    from nnfiltermatch.inference import DIGEST_KEY, CheckpointError, load_checkpoint_safely
+    from nnfiltermatch.trainer import (
+        MAX_NON_FINITE_STEPS,
+        NonFiniteTrainingError,
+        SemiSupervisedLoss,
+        nnFilterMatchTrainer,
+    )
+
+    trainers: list[nnFilterMatchTrainer] = []
+    forward, epoch_start = SemiSupervisedLoss.forward, nnFilterMatchTrainer.on_train_epoch_start
+
+    def nan_after_epoch_0(self: SemiSupervisedLoss, output: object, target: object) -> torch.Tensor:
+        loss = forward(self, output, target)
+        return loss * float("nan") if getattr(self, "poisoned", False) else loss  # NaN gradients, as divergence
+
+    def start(self: nnFilterMatchTrainer) -> None:
+        epoch_start(self)
+        trainers.append(self)
+        self.loss.poisoned = self.current_epoch >= 1
+
+    monkeypatch.setattr(SemiSupervisedLoss, "forward", nan_after_epoch_0)
+    monkeypatch.setattr(nnFilterMatchTrainer, "on_train_epoch_start", start)
+    config = resolve_config({**SHORT, "mode": "supervised", "epochs": 3, "iters_per_epoch": 2})
+    with pytest.raises(NonFiniteTrainingError) as stopped:
+        train(DATASET, CONFIG, "all", config, "cpu", overwrite=True, final_validation=False)
+    trainer = trainers[-1]
+    out = Path(trainer.output_folder)
+    message = str(stopped.value)
+    assert message.startswith("training stopped at epoch 1: the weights hold NaN or infinite values in ")
+    assert ", after the training loss became non-finite at epoch 1; checkpoint_latest.pth was not written" in message
+    assert f"The last good checkpoint is {out / 'checkpoint_latest.pth'} (written at the end of epoch 0)" in message
+    assert "`--continue` resumes from it" in message and "lower --lr (now 0.01)" in message
+    assert not (out / "checkpoint_final.pth").exists()
+    latest = load_checkpoint_safely(out / "checkpoint_latest.pth")  # finite, and equal to its stored digest
+    assert latest["current_epoch"] == 1 and latest["init_args"][STATE_KEY][DIGEST_KEY]["network_weights"]
+
+    # the streak: a finite loss resets it; MAX_NON_FINITE_STEPS in a row stop the run
+    trainer.watch_loss({"loss": np.float32(0.5)})
+    for _ in range(MAX_NON_FINITE_STEPS - 1):
+        trainer.watch_loss({"loss": np.float32("nan")})
+    with pytest.raises(NonFiniteTrainingError, match=f"non-finite \\(nan\\) for {MAX_NON_FINITE_STEPS} consecutive"):
+        trainer.watch_loss({"loss": np.float32("nan")})
+    with pytest.raises(CheckpointError, match="2 of 2 tensors of its optimizer_state hold NaN"):
+        nnFilterMatchTrainer._verify_optimizer_state(
+            {
+                "optimizer_state": {
+                    "state": {
+                        0: {"momentum_buffer": torch.tensor([float("nan")])},
+                        1: {"b": torch.tensor([float("inf")])},
+                    }
+                }
+            },
+            out / "x.pth",
+        )
+
+    # 4 KiB of NaN inside one tensor of checkpoint_latest.pth, size unchanged
+    path = out / "checkpoint_latest.pth"
+    good = path.read_bytes()
+    name = overwrite_tensor_bytes(path, latest["network_weights"], np.full(1024, np.nan, np.float32).tobytes())
+    assert path.stat().st_size == len(good)
+    monkeypatch.undo()  # a healthy loss from here on
+    with pytest.raises(CheckpointError) as refused:
+        train(DATASET, CONFIG, "all", config, "cpu", continue_training=True, final_validation=False)
+    message = str(refused.value)
+    damaged = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    nan_names = [k for k, v in damaged.items() if not torch.isfinite(v).all()]  # the tensor and its aliases
+    assert name in nan_names
+    found = f"{len(nan_names)} of {len(damaged)} tensors of its network_weights hold NaN or infinite values"
+    assert f"{path}: unusable weights: {found} ({', '.join(nan_names)})" in message
+    assert "checkpoint_best.pth (written at the end of epoch 0)" in message
+    advice = "`mv checkpoint_latest.pth checkpoint_latest.pth.bad && cp checkpoint_best.pth checkpoint_latest.pth`"
+    assert f"in {out} run {advice}, then train again with --continue" in message
+
+    # a finite change: only the checksum notices
+    altered = torch.load(out / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    altered["network_weights"][name] = altered["network_weights"][name] * 1.001
+    torch.save(altered, path)
+    with pytest.raises(
+        CheckpointError, match="network_weights differ from the SHA-256 checksum .*every value is finite"
+    ):
+        train(DATASET, CONFIG, "all", config, "cpu", continue_training=True, final_validation=False)
+
+    # the advice works: resumed from checkpoint_best.pth, the run finishes with verified weights
+    path.rename(out / "checkpoint_latest.pth.bad")
+    shutil.copy(out / "checkpoint_best.pth", path)
+    train(DATASET, CONFIG, "all", config, "cpu", continue_training=True, final_validation=False)
+    assert load_checkpoint_safely(out / "checkpoint_final.pth")["current_epoch"] == 3
 
 
 @pytest.mark.parametrize(("saved_epoch", "expected_start"), [(0, None), (1, 1)])

@@ -30,6 +30,11 @@ What is trusted
   other numpy/nnU-Net versions. None of these runs code: object arrays still unpickle their elements through the
   same restricted unpickler. ``torch.device`` (in ``init_args``) is allowed by torch itself. A checkpoint that needs
   anything else is refused with a ``PredictionError`` naming the offending globals.
+* Loaded weights are verified (``verify_checkpoint_weights``): every floating-point tensor of ``network_weights`` and
+  of the EMA teacher must be finite, and where the checkpoint stores a SHA-256 of them (``weights_digest``, written
+  by our trainer at save) they must match it. Why: 4 KiB overwritten inside one tensor of a checkpoint loaded
+  without a word, trained to NaN and predicted all-background masks, all with exit status 0. A checkpoint without a
+  digest (nnU-Net's own) gets the finite check only.
 """
 
 from __future__ import annotations
@@ -44,12 +49,14 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import numpy as np
 import torch
+
+from nnfiltermatch import distributed
 
 if TYPE_CHECKING:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -64,8 +71,16 @@ Existing = Literal["refuse", "continue", "overwrite"]
 EXISTING: tuple[str, ...] = ("refuse", "continue", "overwrite")
 
 
+STATE_KEY = "nnfiltermatch_state"  # our trainer's state inside nnU-Net's checkpoint (its 'init_args' entry)
+DIGEST_KEY = "weights_digest"  # in that state: {weight set: distributed.state_digest of it} at save
+
+
 class PredictionError(ValueError):
     """Prediction cannot start; the message names the path or value and how to fix it."""
+
+
+class CheckpointError(PredictionError):
+    """A checkpoint file cannot be used (unreadable, unsafe, non-finite or altered weights); the message names it."""
 
 
 # ----- safe checkpoint loading ------------------------------------------------------------------------------------
@@ -110,18 +125,112 @@ def load_checkpoint_safely(path: Path) -> dict[str, Any]:
             if offending
             else (reason or "it holds more than tensors and plain data")
         )
-        raise PredictionError(
+        raise CheckpointError(
             f"{path}: refused to load the checkpoint: {detail}. nnfiltermatch loads checkpoints with "
             "weights_only=True and allows only tensors, plain Python data and numpy scalars/arrays, so a checkpoint "
             "cannot run code. If you trust this file, re-save it with only those types (e.g. its 'network_weights')."
         ) from exc
     except Exception as exc:  # corrupt or truncated files fail in many ways (RuntimeError, EOFError, KeyError ...)
-        raise PredictionError(
+        raise CheckpointError(
             f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc}); retrain or copy it again"
         ) from exc
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
-        raise PredictionError(f"{path}: not an nnU-Net checkpoint (no 'network_weights' entry)")
+        raise CheckpointError(f"{path}: not an nnU-Net checkpoint (no 'network_weights' entry)")
+    verify_checkpoint_weights(checkpoint, path)
     return checkpoint
+
+
+def checkpoint_weight_sets(checkpoint: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The weight sets a checkpoint holds: nnU-Net's ``network_weights`` and, when there is one, our EMA teacher."""
+    state = (checkpoint.get("init_args") or {}).get(STATE_KEY) or {}
+    sets: dict[str, Mapping[str, Any]] = {"network_weights": checkpoint["network_weights"]}
+    if isinstance(state.get("teacher"), Mapping):
+        sets["teacher"] = state["teacher"]
+    return sets
+
+
+def weights_digests(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, str | None]:
+    """What the trainer stores at save: one SHA-256 per weight set (``distributed.state_digest``)."""
+    return {name: distributed.state_digest(weights) for name, weights in sets.items()}
+
+
+def non_finite_tensors(tensors: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or +-inf (integer buffers cannot)."""
+    return [
+        name
+        for name, t in tensors.items()
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+def listed(names: Sequence[str]) -> str:
+    """At most ``_LISTED`` names, then how many more: error messages name the first offenders, not all 136."""
+    return ", ".join(names[:_LISTED]) + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+
+
+def verify_checkpoint_weights(checkpoint: Mapping[str, Any], path: Path) -> None:
+    """Refuse weights that are not finite, or that differ from the digest stored with them at save.
+
+    Why both: NaN/inf is what a damaged float usually becomes, and a model with it predicts only background; the
+    digest also catches damage that left every value finite. A checkpoint without a digest (nnU-Net's own, or one
+    written before digests) is accepted on the finite check alone.
+    """
+    sets = checkpoint_weight_sets(checkpoint)
+    state = (checkpoint.get("init_args") or {}).get(STATE_KEY) or {}
+    stored = state.get(DIGEST_KEY) if isinstance(state, Mapping) else None
+    stored = stored if isinstance(stored, Mapping) else {}
+    altered = [part for part, digest in stored.items() if digest != distributed.state_digest(sets.get(part))]
+    problems = []
+    for part, weights in sets.items():
+        bad = non_finite_tensors(weights)
+        if bad:
+            problems.append(
+                f"{len(bad)} of {len(weights)} tensors of its {part} hold NaN or infinite values ({listed(bad)})"
+            )
+    if not problems and not altered:
+        return
+    if altered:
+        cause = (
+            f"{' and '.join(altered)} differ from the SHA-256 checksum stored when it was written, so the file was "
+            "damaged or altered after saving"
+        )
+        if not problems:
+            cause += " (every value is finite: nothing else would have noticed)"
+    elif stored:
+        cause = "they match the checksum stored at save, so they were saved that way (a training that diverged)"
+    else:
+        cause = "the file stores no checksum (written by nnU-Net or an older nnfiltermatch)"
+    hint = "Copy the file again from a good copy, use another checkpoint, or retrain"
+    if altered and not problems:
+        stale = f"init_args['{STATE_KEY}']['{DIGEST_KEY}']"
+        hint += f"; if you changed the weights on purpose, delete {stale} before saving it"
+    raise CheckpointError(
+        f"{path}: unusable weights: {'; '.join(problems) + '; ' if problems else ''}{cause}. A model loaded from it "
+        f"would train to NaN or predict nothing but background. {hint}."
+    )
+
+
+def usable_checkpoints_beside(path: Path, names: Sequence[str]) -> dict[str, int | None]:
+    """Which of ``names`` beside ``path`` load and verify, with the epoch each was written at the end of.
+
+    Only for error messages about ``path``: reads each file in full, so it is never on a normal path.
+    """
+    usable: dict[str, int | None] = {}
+    for name in names:
+        other = Path(path).with_name(name)
+        if other.name == Path(path).name or not other.is_file():
+            continue
+        try:
+            checkpoint = load_checkpoint_safely(other)
+        except PredictionError:
+            continue
+        epoch = checkpoint.get("current_epoch")
+        usable[name] = int(epoch) - 1 if isinstance(epoch, int) else None
+    return usable
+
+
+def describe_epoch(epoch: int | None) -> str:
+    return f"written at the end of epoch {epoch}" if epoch is not None else "epoch unknown"
 
 
 def _global_name(entry: Any) -> str:
@@ -295,7 +404,17 @@ def load_predictor(
     trainer_name = configuration = None
     mirror_axes: tuple[int, ...] | None = None
     for i, (fold, path) in enumerate(files):
-        ckpt = load_checkpoint_safely(path)
+        try:
+            ckpt = load_checkpoint_safely(path)
+        except CheckpointError as exc:
+            others = usable_checkpoints_beside(path, list(CHECKPOINTS.values()))
+            choices = [
+                f"--checkpoint {key} ({path.parent.name}/{name}, {describe_epoch(others[name])})"
+                for key, name in CHECKPOINTS.items()
+                if name in others
+            ]
+            hint = f" Predict with {' or '.join(choices)} instead." if choices else ""
+            raise CheckpointError(f"fold {fold}: {exc}{hint}") from exc
         init_args = ckpt.get("init_args") or {}
         fold_configuration = init_args.get("configuration") or model_dir.name.split("__")[-1]
         if i == 0:
@@ -532,8 +651,7 @@ def check_input_images(input_dir: Path, cases: dict[str, list[Path]], dataset_js
 
 
 def _names(paths: Sequence[Path]) -> str:
-    names = [p.name for p in paths[:_LISTED]]
-    return ", ".join(names) + (f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else "")
+    return listed([p.name for p in paths])
 
 
 def _check_output_dir(output_dir: Path, input_dir: Path) -> None:

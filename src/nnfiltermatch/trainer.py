@@ -2,7 +2,9 @@
 
 Only the hooks that must change are overridden: ``initialize`` (teacher, unlabelled loss), ``get_dataloaders``
 (the unlabelled stream), ``train_step`` (weak view -> pseudo-labels -> strong view -> one forward pass),
-``on_train_epoch_start`` (the filter), epoch-end logging, and checkpoint save/load (pool, rounds, teacher).
+``on_train_epoch_start`` (the filter), epoch-end logging, and checkpoint save/load (pool, rounds, teacher, a
+digest of the weights). Non-finite weights never reach a checkpoint: a save refuses them, and a run whose loss stays
+non-finite stops, naming the last good checkpoint.
 The three modes are thin subclasses, so each gets its own nnU-Net results folder, as nnU-Net's trainer variants do.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 import warnings
@@ -33,6 +36,17 @@ from tqdm import tqdm
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, resolve_config
 from nnfiltermatch.files import atomic_write_text
+from nnfiltermatch.inference import (
+    DIGEST_KEY,
+    STATE_KEY,
+    CheckpointError,
+    describe_epoch,
+    listed,
+    load_checkpoint_safely,
+    non_finite_tensors,
+    usable_checkpoints_beside,
+    weights_digests,
+)
 from nnfiltermatch.preparation import PreparationError
 from nnfiltermatch.pseudo_labels import ema_update, every_class_segmented, pseudo_labels_for_scales, ramp_weight
 from nnfiltermatch.uncertainty import reduce_case_score, select_cases_to_drop, voxel_entropy
@@ -45,10 +59,19 @@ from nnfiltermatch.unlabeled import (
 )
 from nnfiltermatch.views import cutmix, cutout, paste_boxes, sample_geometric_transform, strong_intensity
 
-STATE_KEY = "nnfiltermatch_state"
 SSL_LOG_KEYS = ("sup_losses", "unsup_losses", "confident_fraction", "unsup_weight", "pool_size")
 FILTER_DIRNAME = "filter_rounds"
 PSEUDO_LABEL_DIRNAME = "pseudo_labels"
+# Why 5, not 1: under CUDA mixed precision nnU-Net's GradScaler skips a step whose fp16 values overflowed and lowers
+# its scale, so a lone non-finite loss can pass harmlessly; five in a row means the weights themselves are gone.
+# (Without a scaler, on CPU, the first one already spoils them; the save guard keeps them off disk meanwhile.)
+MAX_NON_FINITE_STEPS = 5
+# the order in which `train --continue` (training._run_trainer) looks for a checkpoint to resume from
+RESUME_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+class NonFiniteTrainingError(PreparationError):
+    """The training diverged (non-finite loss or weights); the message names the epoch and the last good checkpoint."""
 
 
 def _as_list(x: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
@@ -139,6 +162,9 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         self.dataloader_unlabeled: Any = None
         self._epoch_stats: list[dict[str, float]] = []
         self._view_rng = torch.Generator()
+        self._non_finite_steps = 0  # consecutive training steps with a non-finite loss
+        self._non_finite_since: int | None = None  # the epoch of the first of them
+        self._good_checkpoints: dict[str, int] = {}  # file name -> epoch it ends, for the checkpoints this run wrote
         for key in SSL_LOG_KEYS:
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
@@ -316,7 +342,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             self.loss.n_labeled = None
             result = super().train_step(batch)
             self._epoch_stats.append({"sup": self.loss.last["sup"], "unsup": 0.0, "conf": float("nan"), "w": 0.0})
-            return result
+            return self.watch_loss(result)
 
         unlabeled = next(self.dataloader_unlabeled)
         weak = unlabeled["data"].to(self.device, non_blocking=True)
@@ -361,6 +387,32 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         self._epoch_stats.append(
             {"sup": self.loss.last["sup"], "unsup": self.loss.last["unsup"], "conf": confident, "w": weight}
         )
+        return self.watch_loss(result)
+
+    def watch_loss(self, result: dict) -> dict:
+        """Count consecutive non-finite training losses; stop the run at ``MAX_NON_FINITE_STEPS`` of them.
+
+        Free on the normal path: nnU-Net's ``train_step`` already returns the loss as a CPU scalar.
+        """
+        loss = float(np.asarray(result["loss"]).mean())
+        if math.isfinite(loss):
+            self._non_finite_steps = 0
+            self._non_finite_since = None
+            return result
+        self._non_finite_steps += 1
+        if self._non_finite_since is None:
+            self._non_finite_since = self.current_epoch
+            self.print_to_log_file(
+                f"warning: training loss {loss} at epoch {self.current_epoch}; the run stops after "
+                f"{MAX_NON_FINITE_STEPS} non-finite steps in a row"
+            )
+        if self._non_finite_steps >= MAX_NON_FINITE_STEPS:
+            raise NonFiniteTrainingError(
+                self._diverged(
+                    f"the training loss has been non-finite ({loss}) for {self._non_finite_steps} consecutive steps, "
+                    f"since epoch {self._non_finite_since}"
+                )
+            )
         return result
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
@@ -540,11 +592,33 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             "ssl_start_epoch": self.ssl_start_epoch,
         }
 
+    def live_weight_sets(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The weight sets a checkpoint stores, as ``inference.checkpoint_weight_sets`` reads them back."""
+        sets = {"network_weights": self.plain_network().state_dict()}
+        if self.teacher is not None:
+            sets["teacher"] = self.teacher.state_dict()
+        return sets
+
     def save_checkpoint(self, filename: str) -> None:
         # nnU-Net's save_checkpoint has no hook for extra state; its 'init_args' entry is saved and restored
-        # verbatim, so our state rides there. Written under a temporary name, then renamed: a kill never leaves
-        # a truncated checkpoint behind.
-        self.my_init_kwargs[STATE_KEY] = self.state_for_checkpoint()
+        # verbatim, so our state rides there, with a digest of the weights that loading verifies. Written under a
+        # temporary name, then renamed: a kill never leaves a truncated checkpoint behind.
+        sets = self.live_weight_sets()
+        # every rank checks (DDP keeps the weights identical), so every rank stops alike
+        bad = {part: names for part, weights in sets.items() if (names := non_finite_tensors(weights))}
+        if bad:
+            found = " and ".join(f"{len(n)} of {len(sets[p])} tensors of the {p} ({listed(n)})" for p, n in bad.items())
+            after = f", after the training loss became non-finite at epoch {self._non_finite_since}"
+            raise NonFiniteTrainingError(
+                self._diverged(
+                    f"the weights hold NaN or infinite values in {found}"
+                    f"{after if self._non_finite_since is not None else ''}; {Path(filename).name} was not written"
+                )
+            )
+        state = self.state_for_checkpoint()
+        if self.local_rank == 0 and not self.disable_checkpointing:  # the one process that writes
+            state[DIGEST_KEY] = weights_digests(sets)
+        self.my_init_kwargs[STATE_KEY] = state
         partial = filename + ".partial"
         try:
             super().save_checkpoint(partial)
@@ -553,6 +627,28 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         # only the writer renames: under DDP another rank must not move rank 0's half-written file
         if self.local_rank == 0 and os.path.isfile(partial):
             os.replace(partial, filename)
+        if not self.disable_checkpointing:
+            self._good_checkpoints[Path(filename).name] = self.current_epoch
+
+    def _diverged(self, reason: str) -> str:
+        """The stop message: what went non-finite, the last good checkpoint, and how to resume from it."""
+        folder = Path(self.output_folder)
+        good = {name: epoch for name, epoch in self._good_checkpoints.items() if (folder / name).is_file()}
+        text = f"training stopped at epoch {self.current_epoch}: {reason}."
+        cure = f"a lower --lr (now {self.fm.lr}) or a look at the training data is the usual cure"
+        if not good:
+            return f"{text} No checkpoint was written before: start again with --overwrite ({cure})."
+        last = max(good, key=lambda name: (good[name], name == "checkpoint_latest.pth"))
+        text += f" The last good checkpoint is {folder / last} ({describe_epoch(good[last])}); nothing later was saved."
+        resume = next((name for name in RESUME_ORDER if (folder / name).is_file()), last)
+        if resume == last:
+            text += " `--continue` resumes from it"
+        else:
+            text += (
+                f" `--continue` resumes from {resume} ({describe_epoch(good.get(resume))}); to resume from {last}, "
+                f"copy it over {resume} first"
+            )
+        return f"{text}; if the loss turns non-finite again, {cure}."
 
     def _start_epoch_before_the_gate(self) -> int | None:
         """For a checkpoint written before ``ssl_start_epoch`` existed: pseudo-labels then started right after
@@ -581,10 +677,13 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         if isinstance(filename_or_checkpoint, str):
-            from nnfiltermatch.inference import load_checkpoint_safely
-
-            # nnU-Net unpickles with weights_only=False; refuse a checkpoint with anything beyond plain data first.
-            load_checkpoint_safely(Path(filename_or_checkpoint))
+            # nnU-Net unpickles with weights_only=False; refuse a checkpoint with anything beyond plain data first,
+            # and one whose weights or optimizer state are not finite, or differ from their digest.
+            path = Path(filename_or_checkpoint)
+            try:
+                self._verify_optimizer_state(load_checkpoint_safely(path), path)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc} {self._resume_alternatives(path)}") from exc
         super().load_checkpoint(filename_or_checkpoint)
         state = self.my_init_kwargs.pop(STATE_KEY, None)
         if state is None:
@@ -602,6 +701,33 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             self.teacher.load_state_dict(state["teacher"])
         for key in SSL_LOG_KEYS:
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
+        if isinstance(filename_or_checkpoint, str):
+            self._good_checkpoints[Path(filename_or_checkpoint).name] = self.current_epoch - 1
+
+    @staticmethod
+    def _verify_optimizer_state(checkpoint: dict[str, Any], path: Path) -> None:
+        """Momentum buffers are about half the file and not in the digest: a NaN there spoils the first step."""
+        entries = (checkpoint.get("optimizer_state") or {}).get("state") or {}
+        tensors = {f"{index}.{key}": value for index, entry in entries.items() for key, value in entry.items()}
+        bad = non_finite_tensors(tensors)
+        if bad:
+            raise CheckpointError(
+                f"{path}: unusable optimizer state: {len(bad)} of {len(tensors)} tensors of its optimizer_state hold "
+                f"NaN or infinite values ({listed(bad)}); resuming would turn every weight NaN at the first step."
+            )
+
+    @staticmethod
+    def _resume_alternatives(path: Path) -> str:
+        """Which other checkpoints in the fold folder are usable, and the commands that resume from one."""
+        others = usable_checkpoints_beside(path, RESUME_ORDER)
+        if not others:
+            return f"No other usable checkpoint in {path.parent}: start again with --overwrite."
+        listing = ", ".join(f"{name} ({describe_epoch(epoch)})" for name, epoch in others.items())
+        pick = max(others, key=lambda name: others[name] if others[name] is not None else -1)
+        return (
+            f"Usable checkpoints beside it: {listing}. To resume from {pick}: in {path.parent} run "
+            f"`mv {path.name} {path.name}.bad && cp {pick} {path.name}`, then train again with --continue."
+        )
 
 
 class nnFilterMatchTrainer_ssl(nnFilterMatchTrainer):  # noqa: N801
@@ -647,8 +773,6 @@ class nnFilterMatchTrainer_selftrain(nnFilterMatchTrainer):  # noqa: N801
         return super().get_dataloaders()
 
     def _start_from_supervised_weights(self) -> None:
-        from nnfiltermatch.inference import load_checkpoint_safely
-
         source = self.fm.extra.get("selftrain_from")
         if not source:
             raise PreparationError(
@@ -689,7 +813,7 @@ class nnFilterMatchTrainer_selftrain(nnFilterMatchTrainer):  # noqa: N801
         self.loss.n_labeled = None  # nnU-Net's loss on every row: pseudo-labels count as labels
         result = nnUNetTrainer.train_step(self, joint)
         self._epoch_stats.append({"sup": self.loss.last["sup"], "unsup": 0.0, "conf": float("nan"), "w": 1.0})
-        return result
+        return self.watch_loss(result)
 
 
 TRAINERS: dict[str, type[nnFilterMatchTrainer]] = {

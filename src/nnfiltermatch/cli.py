@@ -69,6 +69,27 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _round_number(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"invalid round {value!r}: give 0, 1, 2 ...")
+    return number
+
+
+def _add_round(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--round",
+        dest="round_number",
+        type=_round_number,
+        metavar="K",
+        help=f"annotation round K: {what} <Trainer>_roundK__<Plans>__<configuration> (round 0 and the default: the "
+        "plain folder)",
+    )
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", "-device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
 
@@ -93,6 +114,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="after annotating queried cases: CASE<ending> label files in DIR move those cases from the unlabelled "
         "to the labelled set, preprocessed with the existing plans (no re-planning)",
+    )
+    p.add_argument(
+        "--query-export",
+        type=Path,
+        metavar="DIR",
+        help="with --add-labels: the `query --export` folder that chose these cases, whose settings rounds.json "
+        "records (default: the folder above --add-labels DIR when it is an export, i.e. DIR/labelsTr)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for --labeled-fraction (default 0)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans name (default nnUNetPlans)")
@@ -138,6 +166,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a finished or interrupted run")
     p.add_argument("--no-final-validation", action="store_true", help="skip nnU-Net's validation after training")
+    p.add_argument(
+        "--round",
+        dest="round_number",
+        type=_round_number,
+        metavar="K",
+        help="annotation round K (after `prepare --add-labels` recorded it): train into "
+        "<Trainer>_roundK__<Plans>__<configuration>, so each round keeps its model, and record the model in "
+        "rounds.json; refused when the labelled set is not round K's. Round 0 is the plain folder, as without it",
+    )
     d = p.add_argument_group("multi-process training (DDP)")
     d.add_argument(
         "--num-gpus",
@@ -265,6 +302,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--configuration", help="e.g. 3d_fullres, 3d_fullres_cpu")
     p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
     p.add_argument("-p", "--plans", default=None, help="plans name (default nnUNetPlans)")
+    _add_round(p, "with -d/-c/--mode, predict with the model in")
     p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble, e.g. -f 0 1 2 or -f all (default: found)")
     _add_checkpoint(p)
     _add_device(p)
@@ -377,10 +415,13 @@ TRAIN_OPTION_NAMES = (
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from nnfiltermatch.preparation import add_labels, dataset_name_from_id, load_prepared, prepare
+    from nnfiltermatch.preparation import PreparationError, add_labels, dataset_name_from_id, load_prepared, prepare
+    from nnfiltermatch.rounds import rounds_path
 
+    if args.query_export is not None and args.add_labels is None:
+        raise PreparationError("--query-export goes with --add-labels: it names the export that chose those cases")
     if args.add_labels is not None:
-        added = add_labels(args.dataset, args.add_labels, args.configurations)
+        added = add_labels(args.dataset, args.add_labels, args.configurations, query_export=args.query_export)
         print(
             f"Labelled {len(added.cases)} case(s): {', '.join(added.cases)} (images moved from imagesUnlabeled/: "
             f"{len(added.moved_from_unlabeled_folder)}; already in imagesTr: {len(added.already_in_images_tr)}); "
@@ -393,6 +434,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             f"{prepared.dataset_name}: {len(prepared.labeled_ids)} labelled, {len(prepared.unlabeled_ids)} "
             "unlabelled cases"
         )
+        if added.round is not None:
+            k, query = added.round["round"], added.round.get("query")
+            chosen = (
+                f"chosen by {query.get('strategy')} with {query.get('model_dir') or 'an unrecorded model'}"
+                if query
+                else "no query export found beside the labels, so what chose them is not recorded"
+            )
+            print(
+                f"Recorded as annotation round {k} in {rounds_path(prepared.dataset_name)} ({chosen}); train its "
+                f"model with `nnfiltermatch train -d {args.dataset} ... --round {k}`"
+            )
         return 0
     prepared = prepare(
         args.dataset,
@@ -411,9 +463,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rounds_or_none(dataset_name: str) -> dict[str, Any] | None:
+    """rounds.json for a note after training; an unreadable one must not turn a finished training into an error."""
+    from nnfiltermatch.rounds import load_rounds
+
+    try:
+        return load_rounds(dataset_name)
+    except ValueError:
+        return None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from nnfiltermatch.config import resolve_config
     from nnfiltermatch.preparation import dataset_name_from_id, load_prepared
+    from nnfiltermatch.rounds import rounds_path
     from nnfiltermatch.training import parse_fold, train
 
     dataset_name = dataset_name_from_id(args.dataset)
@@ -433,9 +496,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         explicit_options={name for name in TRAIN_OPTION_NAMES if getattr(args, name) is not None},
         num_processes=args.num_processes,
         backend=args.backend,
+        round_number=args.round_number,
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(f"Model written to {result.output_folder}")
+        if args.round_number is not None:
+            print(f"Recorded as round {args.round_number}'s model in {rounds_path(dataset_name)}")
+        elif (rounds := _rounds_or_none(dataset_name)) and len(rounds["rounds"]) > 1:
+            last = max(int(r["round"]) for r in rounds["rounds"])
+            print(
+                f"Note: {rounds_path(dataset_name)} records annotation rounds up to {last}; with --round {last} "
+                "each round keeps its own model folder and the report shows the rounds"
+            )
     return 0
 
 
@@ -462,21 +534,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _model_dir_from_args(args: argparse.Namespace, error: type[ValueError]) -> Path:
-    """``-m MODEL_DIR``, or the folder that ``-d/-c/--mode/-p`` name in nnU-Net's results layout (not both)."""
+    """``-m MODEL_DIR``, or the folder that ``-d/-c/--mode/-p/--round`` name in nnU-Net's results layout (not both)."""
     from nnfiltermatch.inference import resolve_model_dir
+    from nnfiltermatch.rounds import model_dir_for_round
 
+    round_number = getattr(args, "round_number", None)
     named = [
         flag
-        for flag, value in (("-d", args.dataset), ("-c", args.configuration), ("--mode", args.mode), ("-p", args.plans))
+        for flag, value in (
+            ("-d", args.dataset),
+            ("-c", args.configuration),
+            ("--mode", args.mode),
+            ("-p", args.plans),
+            ("--round", round_number),
+        )
         if value is not None
     ]
     if args.model_dir is not None:
         if named:
-            raise error(f"give either -m MODEL_DIR or -d/-c/--mode, not both (got -m and {', '.join(named)})")
+            raise error(f"give either -m MODEL_DIR or -d/-c/--mode/--round, not both (got -m and {', '.join(named)})")
         return args.model_dir
     if args.dataset is None or args.configuration is None:
-        raise error("give -m MODEL_DIR, or -d DATASET and -c CONFIGURATION (and --mode, default filtermatch)")
-    return resolve_model_dir(args.dataset, args.configuration, args.mode or "filtermatch", args.plans or "nnUNetPlans")
+        raise error(
+            "give the model folder (-m MODEL_DIR; for report, MODEL_DIR), or -d DATASET and -c CONFIGURATION (and "
+            "--mode, default filtermatch; --round K)"
+        )
+    model_dir = resolve_model_dir(
+        args.dataset, args.configuration, args.mode or "filtermatch", args.plans or "nnUNetPlans"
+    )
+    return model_dir_for_round(model_dir, round_number) if round_number is not None else model_dir
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -535,6 +621,7 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--configuration", help="e.g. 3d_fullres, 3d_fullres_cpu")
     p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
     p.add_argument("-p", "--plans", default=None, help="plans name (default nnUNetPlans)")
+    _add_round(p, "with -d/-c/--mode, rank with the model in")
     p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: found); reuse needs one fold")
     _add_checkpoint(p)
     p.add_argument("-n", "--top", type=int, help="list only the N first picks (with --export: the N exported)")
@@ -646,8 +733,21 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="one self-contained HTML page: curves, pool, filter rounds, configuration")
-    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a fold folder, or a model folder with one fold")
+    p = sub.add_parser(
+        "report", help="one self-contained HTML page: curves, pool, filter rounds, annotation rounds, configuration"
+    )
+    p.add_argument(
+        "model_dir",
+        type=Path,
+        nargs="?",
+        metavar="MODEL_DIR",
+        help="a fold folder, or a model folder with one fold (or name it with -d/-c/--mode/--round)",
+    )
+    p.add_argument("-d", "--dataset", help="dataset ID or name: with -c and --mode, finds the folder train wrote")
+    p.add_argument("-c", "--configuration", help="e.g. 3d_fullres, 3d_fullres_cpu")
+    p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
+    p.add_argument("-p", "--plans", default=None, help="plans name (default nnUNetPlans)")
+    _add_round(p, "with -d/-c/--mode, report on the model in")
     p.add_argument("-f", "--fold", help="the fold, when MODEL_DIR holds several")
     p.add_argument("-o", "--output", type=Path, help="HTML file (default MODEL_DIR/fold_X/report.html)")
     p.add_argument(
@@ -656,9 +756,11 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from nnfiltermatch.reports import build_report
+    from nnfiltermatch.reports import ReportError, build_report
 
-    target = build_report(args.model_dir, output=args.output, evaluation=args.evaluation, fold=args.fold)
+    target = build_report(
+        _model_dir_from_args(args, ReportError), output=args.output, evaluation=args.evaluation, fold=args.fold
+    )
     print(f"Wrote {target}")
     return 0
 

@@ -734,6 +734,7 @@ class AddedLabels:
     configurations: list[str]
     stale_configurations: list[str]
     messages: list[str]
+    round: dict[str, Any] | None = None  # the rounds.json entry recorded for these labels
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
@@ -764,7 +765,12 @@ def _current_digest(
     return digest, inventory, records
 
 
-def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] | None = None) -> AddedLabels:
+def add_labels(
+    dataset: str | int,
+    labels_dir: Path,
+    configurations: list[str] | None = None,
+    query_export: Path | None = None,
+) -> AddedLabels:
     """Move annotated cases from the unlabelled to the labelled set without re-planning.
 
     ``labels_dir`` holds ``CASE<file_ending>`` label files of unlabelled cases (e.g. the top of a ``query``
@@ -776,13 +782,27 @@ def add_labels(dataset: str | int, labels_dir: Path, configurations: list[str] |
     (with the original labelled list, too) does not re-plan. ``configurations`` None: every preprocessed one;
     others are marked stale (removed from the manifest) and preprocessed again by the next ``prepare -c``.
     The check of the manifest and all the moves happen under the dataset's lock (as in ``prepare``).
+
+    Then the cases are recorded as the next annotation round in rounds.json (see :mod:`nnfiltermatch.rounds`),
+    with the settings of the query that chose them: those of ``query_export``, or of the export folder around
+    ``labels_dir`` (DIR/labelsTr of ``query --export DIR``) when there is one.
     """
+    from nnfiltermatch.rounds import read_query_export, record_added_labels
+
     dataset_name = dataset_name_from_id(dataset)
     out = preprocessed_root(dataset_name)
     if not out.is_dir():
         _require_manifest(out / MANIFEST_NAME, dataset_name)
+    query, _ = read_query_export(Path(labels_dir), query_export)
     with dataset_lock(out, f"prepare {dataset_name} --add-labels {labels_dir}"):
-        return _add_labels_locked(dataset_name, out, Path(labels_dir), configurations)
+        before = json.loads((out / MANIFEST_NAME).read_text())["labeled_ids"] if (out / MANIFEST_NAME).is_file() else []
+        added = _add_labels_locked(dataset_name, out, Path(labels_dir), configurations)
+        try:
+            added.round, notes = record_added_labels(dataset_name, before, added.cases, Path(labels_dir), query)
+            added.messages.extend(notes)
+        except (OSError, LockError, ValueError) as exc:  # the labels are in; say what is missing, do not fail
+            added.messages.append(f"the labels were added but rounds.json was not updated: {exc}")
+        return added
 
 
 def _require_manifest(manifest_file: Path, dataset_name: str) -> None:

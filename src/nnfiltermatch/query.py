@@ -33,7 +33,8 @@ are exactly what a new computation would give, and they are reused. :func:`decid
 Export (``--export DIR``): the top N cases' images (copied: annotators move folders), the model's segmentation as a
 pre-annotation in each image's own geometry (nnU-Net's ``export_prediction_from_logits``, the path ``predict``
 writes through: resampling, un-cropping and the image's header are nnU-Net's), the PNGs, ``selection.csv`` (why
-each case was picked) and a README.txt with the next steps. DIR appears complete or not at all (written under a
+each case was picked), ``query.json`` (the settings, recorded in rounds.json by ``prepare --add-labels``) and a
+README.txt with the next round's commands. DIR appears complete or not at all (written under a
 temporary name, then renamed).
 """
 
@@ -45,6 +46,7 @@ import io
 import itertools
 import json
 import math
+import shlex
 import shutil
 import time
 import uuid
@@ -57,6 +59,7 @@ import numpy as np
 import torch
 
 from nnfiltermatch.files import atomic_write_bytes
+from nnfiltermatch.rounds import QUERY_SETTINGS_NAME
 from nnfiltermatch.uncertainty import margin_map, reduce_case_score, voxel_entropy
 
 if TYPE_CHECKING:
@@ -1056,7 +1059,8 @@ def write_export(
     excluded: Sequence[str],
     final: Path,
 ) -> None:
-    """Fill the staging folder: images (copied), pre-annotations, selection.csv, README.txt and an empty labelsTr/.
+    """Fill the staging folder: images (copied), pre-annotations, selection.csv, query.json (the settings, which
+    ``prepare --add-labels`` records in rounds.json), README.txt and an empty labelsTr/.
 
     The pre-annotation is the query's own prediction (the one the ranking and the PNG show) written by nnU-Net's
     ``export_prediction_from_logits``: resampled to the original spacing, un-cropped, transposed back and saved with
@@ -1111,10 +1115,48 @@ def write_export(
             ";".join(str(p) for p in originals[row.case]),
         ])  # fmt: skip
     (staging / SELECTION_CSV).write_text(buffer.getvalue())
+    settings = export_settings(model, rows, strategy, options, n_ranked, excluded)
+    (staging / QUERY_SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n")
     (staging / EXPORT_README).write_text(
-        export_readme(model, rows, strategy, options, n_ranked, excluded, Path(final).resolve())
+        export_readme(model, rows, strategy, options, n_ranked, excluded, Path(final).resolve(), settings)
     )
     shutil.rmtree(logits_dir)
+
+
+def export_settings(
+    model: QueryModel,
+    rows: Sequence[RankedCase],
+    strategy: str,
+    options: StrategyOptions,
+    n_ranked: int,
+    excluded: Sequence[str],
+) -> dict[str, Any]:
+    """What chose these cases (query.json): ``prepare --add-labels`` copies it into the round's rounds.json entry."""
+    from nnfiltermatch.rounds import next_round, round_of_model_dir, split_model_folder_name
+
+    init_args = model.checkpoint.get("init_args") or {}
+    parts = split_model_folder_name(model.model_dir.name)
+    return {
+        "dataset": model.dataset_name,
+        "strategy": strategy,
+        "reduce": options.reduce,
+        "roi": options.roi,
+        "seed": options.seed,
+        "min_foreground_ml": options.min_foreground_ml,
+        "n": len(rows),
+        "n_ranked": n_ranked,
+        "n_excluded": len(excluded),
+        "cases": [row.case for row in rows],
+        "model_dir": str(model.model_dir.resolve()),
+        "model_round": round_of_model_dir(model.model_dir),
+        "folds": [str(f) for f in model.folds],
+        "checkpoint": model.checkpoint_paths[0].name,
+        "mode": str(((init_args.get(STATE_KEY) or {}).get("config") or {}).get("mode") or "filtermatch"),
+        "configuration": str(init_args.get("configuration") or (parts[2] if parts else "")),
+        "plans": parts[1] if parts else None,
+        "next_round": next_round(model.dataset_name, model.model_dir),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def export_readme(
@@ -1125,13 +1167,15 @@ def export_readme(
     n_ranked: int,
     excluded: Sequence[str],
     final: Path,
+    settings: Mapping[str, Any] | None = None,
 ) -> str:
-    """What the folder holds and the commands of the next round, with this dataset's names filled in."""
+    """What the folder holds and the commands of the next round, with this dataset's names and round filled in."""
+    settings = settings or export_settings(model, rows, strategy, options, n_ranked, excluded)
     dataset_json = model.predictor.dataset_json
     ending = dataset_json.get("file_ending", ".nii.gz")
-    init_args = model.checkpoint.get("init_args") or {}
-    configuration = str(init_args.get("configuration") or model.model_dir.name.split("__")[-1])
-    mode = str(((init_args.get(STATE_KEY) or {}).get("config") or {}).get("mode") or "filtermatch")
+    configuration, mode, k = settings["configuration"], settings["mode"], int(settings["next_round"])
+    plans = f" -p {settings['plans']}" if settings.get("plans") not in (None, "nnUNetPlans") else ""
+    model_args = f"-d {model.dataset_name} -c {configuration} -f {model.folds[0]} --mode {mode}{plans} --round {k}"
     label_values = ", ".join(f"{value} {name}" for name, value in (dataset_json.get("labels") or {}).items())
     spec = STRATEGIES[strategy]
     how = f"{strategy} ({options.reduce}{', ROI' if options.roi else ''})" if spec.voxel_map else strategy
@@ -1150,7 +1194,8 @@ def export_readme(
         "",
         f"Chosen by {how} with the model {model.model_dir} (fold(s) {folds}),",
         f"on {time.strftime('%Y-%m-%d %H:%M')}: the top {len(rows)} of {n_ranked} ranked unlabelled case(s).{left_out}",
-        f"{SELECTION_CSV} gives each case's rank, score and the reason it was picked, and the files below.",
+        f"{SELECTION_CSV} gives each case's rank, score and the reason it was picked, and the files below;",
+        f"{QUERY_SETTINGS_NAME} the query's settings. Once added, these labels are annotation round {k}.",
         "",
         "What is here",
         f"  {EXPORT_FOLDERS['images']}/          "
@@ -1167,13 +1212,26 @@ def export_readme(
         f"  3. Save the corrected mask as {EXPORT_FOLDERS['labels']}/{first}{ending}: the case name without _0000, the",
         "     image's geometry. Only cases with a file there are added; the others stay unlabelled. Do not copy an",
         "     uncorrected pre-annotation there: it would become ground truth.",
-        "  4. Move the cases to the labelled set (validated, preprocessed with the existing plans, no re-planning):",
-        f"       nnfiltermatch prepare -d {model.dataset_name} --add-labels {labels_dir}",
-        "     (if this folder was moved, use its new path).",
-        "  5. Train the next model into a new results folder, so the model that chose these cases stays as it is:",
-        f"       nnUNet_results=/path/to/results_next_round nnfiltermatch train -d {model.dataset_name} "
-        f"-c {configuration} -f {model.folds[0]} --mode {mode}",
-        "     then query that model for the next round.",
+        "  4. Move the cases to the labelled set (validated, preprocessed with the existing plans, no re-planning);",
+        f"     this records round {k} in rounds.json (the cases, this query's settings from {QUERY_SETTINGS_NAME}):",
+        f"       nnfiltermatch prepare -d {model.dataset_name} --add-labels {shlex.quote(str(labels_dir))}",
+        "     (if this folder was moved, use its new path; if only labelsTr/ was moved, add --query-export and",
+        f"     this folder, {final}).",
+        f"  5. Train round {k}'s model into its own folder, so the model that chose these cases stays as it is:",
+        f"       nnfiltermatch train {model_args}",
+        "  6. See the rounds (labelled cases and validation Dice per round) in the report of the new model:",
+        f"       nnfiltermatch report {model_args}",
+        f"  7. The next round: query round {k}'s model the same way, into a new folder:",
+        f"       nnfiltermatch query {model_args} --strategy {strategy} -n {len(rows)} "
+        f"--export {shlex.quote(str(final.with_name(_next_export_name(final.name, k + 1))))}",
         "",
     ]
     return "\n".join(lines)
+
+
+def _next_export_name(name: str, round_number: int) -> str:
+    """round1 -> round2; other names get a suffix: the next export must not replace this one."""
+    import re
+
+    match = re.fullmatch(r"(.*?)(\d+)", name)
+    return f"{match[1]}{round_number}" if match else f"{name}_round{round_number}"

@@ -306,6 +306,161 @@ def evaluation_table(data: dict[str, Any], labels: dict[int, str]) -> tuple[list
     return header, rows, note
 
 
+# ----- annotation rounds (rounds.json) ---------------------------------------------------------------------------
+def _last_finite(values: list[float]) -> tuple[float, int] | None:
+    for epoch in range(len(values) - 1, -1, -1):
+        if math.isfinite(values[epoch]):
+            return values[epoch], epoch
+    return None
+
+
+def model_scores(fold_dir: Path, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A round model's numbers: validation pseudo-Dice (the moving average at its last epoch) and, when there is
+    one, a real Dice: an ``evaluate -o`` summary in the folder first, else nnU-Net's final validation summary."""
+    from nnfiltermatch.inference import load_checkpoint_safely
+
+    scores: dict[str, Any] = {"pseudo_dice": None, "epoch": None, "dice": None, "dice_source": None, "note": ""}
+    if checkpoint is None:
+        path = _checkpoint_in(fold_dir) if fold_dir.is_dir() else None
+        if path is None:
+            scores["note"] = "no checkpoint (folder missing or not trained)"
+            return scores
+        try:
+            checkpoint = load_checkpoint_safely(path)
+        except ValueError as exc:
+            scores["note"] = f"unreadable checkpoint: {exc}"
+            return scores
+    last = _last_finite(_series(checkpoint.get("logging") or {}, "ema_fg_dice"))
+    if last is not None:
+        scores["pseudo_dice"], scores["epoch"] = last
+    evaluation = find_evaluation(fold_dir)
+    if evaluation is not None:
+        try:
+            dice = json.loads(evaluation.read_text()).get("mean_over_classes", {}).get("dice")
+            if dice is not None:
+                scores["dice"], scores["dice_source"] = float(dice), f"evaluate: {evaluation.name}"
+        except (OSError, ValueError, AttributeError):
+            pass
+    validation = fold_dir / "validation" / "summary.json"
+    if scores["dice"] is None and validation.is_file():
+        try:
+            dice = (json.loads(validation.read_text()).get("foreground_mean") or {}).get("Dice")
+            if dice is not None:
+                scores["dice"], scores["dice_source"] = float(dice), "nnU-Net final validation"
+        except (OSError, ValueError, AttributeError):
+            pass
+    return scores
+
+
+def _chosen_by(query: dict[str, Any] | None) -> str:
+    if not query:
+        return "-"
+    how = str(query.get("strategy") or "?")
+    if query.get("strategy") in ("random", "foreground-random"):
+        how += f" (seed {query.get('seed')})"
+    elif query.get("reduce"):
+        how += f" ({query.get('reduce')}{', ROI' if query.get('roi') else ''})"
+    if query.get("n") is not None:
+        how += f", top {query.get('n')} of {query.get('n_ranked', '?')}"
+    folder = Path(str(query.get("model_dir") or "?")).name
+    model_round = query.get("model_round")
+    return f"{how}; model {folder}" + (f" (round {model_round})" if model_round is not None else "")
+
+
+def annotation_rounds(
+    data: dict[str, Any], fold_dir: Path, checkpoint: dict[str, Any]
+) -> tuple[list[str], list[list[str]], list[tuple[int, str, float | None, float | None]]]:
+    """The rounds table (one row per round model, a round without one gets one row) and the points to plot:
+    (labelled cases, model name without the round, pseudo-Dice, Dice)."""
+    from nnfiltermatch.rounds import base_trainer_name, split_model_folder_name
+
+    header = ["round", "labelled", "added", "chosen by", "model", "validation pseudo-Dice", "Dice", "Dice from"]
+    rows: list[list[str]] = []
+    points: list[tuple[int, str, float | None, float | None]] = []
+    here = fold_dir.resolve()
+    for entry in sorted(data.get("rounds") or [], key=lambda r: int(r["round"])):
+        base = [str(entry["round"]), str(entry.get("labelled", "")), str(len(entry.get("added") or []))]
+        chosen = _chosen_by(entry.get("query"))
+        models = entry.get("models") or []
+        if not models:
+            rows.append([*base, chosen, "no model recorded yet", "n/a", "n/a", ""])
+        for model in models:
+            folder = Path(str(model.get("folder")))
+            model_fold = folder / f"fold_{model.get('fold')}"
+            current = model_fold.resolve() == here
+            scores = model_scores(model_fold, checkpoint if current else None)
+            pseudo, dice = scores["pseudo_dice"], scores["dice"]
+            name = f"{folder.name}/fold_{model.get('fold')}" + (" (this report)" if current else "")
+            rows.append(
+                [
+                    *base,
+                    chosen,
+                    name + (f": {scores['note']}" if scores["note"] else ""),
+                    "n/a" if pseudo is None else f"{pseudo:.4f} (epoch {scores['epoch']})",
+                    "n/a" if dice is None else f"{dice:.4f}",
+                    scores["dice_source"] or "",
+                ]
+            )
+            parts = split_model_folder_name(folder.name)
+            series = folder.name if parts is None else base_trainer_name(parts[0])
+            points.append((int(entry.get("labelled") or 0), f"{series} fold {model.get('fold')}", pseudo, dice))
+    return header, rows, points
+
+
+def annotation_rounds_png(points: list[tuple[int, str, float | None, float | None]]) -> str | None:
+    """Dice (solid) and validation pseudo-Dice (dashed) against labelled cases, one colour per model."""
+    series: dict[str, list[tuple[int, float | None, float | None]]] = {}
+    for labelled, name, pseudo, dice in points:
+        series.setdefault(name, []).append((labelled, pseudo, dice))
+    if not any(len(v) > 1 for v in series.values()):
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for i, (name, values) in enumerate(sorted(series.items())):
+        values.sort()
+        colour = f"C{i % 10}"
+        for index, style, what in ((1, "--", "pseudo-Dice"), (2, "-", "Dice")):
+            xy = [(v[0], v[index]) for v in values if v[index] is not None]
+            if xy:
+                ax.plot(*zip(*xy), style, marker="o", color=colour, label=f"{name}: {what}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("labelled cases")
+    ax.set_ylabel("Dice")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def annotation_rounds_section(fold_dir: Path, checkpoint: dict[str, Any]) -> str | None:
+    """The report's rounds section, or None when the dataset has no rounds.json (nnUNet_preprocessed not set)."""
+    import html
+
+    from nnfiltermatch.rounds import load_rounds, rounds_file_for_model
+
+    path = rounds_file_for_model(fold_dir.parent)
+    if path is None:
+        return None
+    try:
+        data = load_rounds("", path)
+    except ValueError as exc:
+        return f"<p>{html.escape(str(exc))}</p>"
+    assert data is not None
+    header, rows, points = annotation_rounds(data, fold_dir, checkpoint)
+    plot = annotation_rounds_png(points)
+    image = f'<img alt="annotation rounds" src="{plot}">' if plot else ""
+    note = (
+        f"{html.escape(str(path))}: per round, the labelled cases (round 0: the set you started from), the cases "
+        "added by <code>prepare --add-labels</code>, the query that chose them, and each model trained in the round. "
+        "Validation pseudo-Dice: nnU-Net's moving average at the model's last epoch, on its validation patches; "
+        "Dice: an <code>evaluate -o</code> summary in the fold or model folder when there is one, else nnU-Net's "
+        "final validation."
+    )
+    return f'<p class="note">{note}</p>' + _table(header, rows, numeric_from=5) + image
+
+
 # ----- assembling the page ----------------------------------------------------------------------------------------
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1240px;
@@ -428,6 +583,9 @@ def build_report(
         ],
     ]
     sections.append(("summary", "Summary", _table(None, meta, numeric_from=2, css="meta")))
+    annotation = annotation_rounds_section(fold_dir, checkpoint)
+    if annotation is not None:
+        sections.append(("annotation-rounds", "Annotation rounds", annotation))
 
     curves = learning_curves_png(logging, warmup, filter_epochs, labels)
     body = (

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig
 from nnfiltermatch.locks import LOCK_NAME, LockError, run_lock
 from nnfiltermatch.preparation import PreparationError, PreparedDataset, env_folder, load_prepared, preprocessed_root
+from nnfiltermatch.rounds import check_round_for_training, record_trained_model, trainer_folder_name
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class RunOptions:
     explicit_options: frozenset[str]
     num_processes: int
     backend: str | None
+    round_number: int | None = None  # annotation round (train --round): its own model folder, see rounds.py
 
 
 @dataclass
@@ -85,12 +89,20 @@ def parse_fold(fold: str) -> int | str:
 
 
 def output_folder_for(
-    dataset_name: str, trainer_name: str, plans_name: str, configuration: str, fold: int | str
+    dataset_name: str,
+    trainer_name: str,
+    plans_name: str,
+    configuration: str,
+    fold: int | str,
+    round_number: int | None = None,
 ) -> Path:
-    """nnU-Net's results layout: <results>/<dataset>/<Trainer>__<Plans>__<config>/fold_<f>."""
-    return (
-        env_folder("nnUNet_results") / dataset_name / f"{trainer_name}__{plans_name}__{configuration}" / f"fold_{fold}"
-    )
+    """nnU-Net's results layout: <results>/<dataset>/<Trainer>__<Plans>__<config>/fold_<f>.
+
+    Annotation round K > 0 (``--round K``) names the trainer part ``<Trainer>_roundK``: nnU-Net's own tools find it
+    with ``-tr <Trainer>_roundK``; round 0 and no round are the plain folder.
+    """
+    trainer = trainer_folder_name(trainer_name, round_number)
+    return env_folder("nnUNet_results") / dataset_name / f"{trainer}__{plans_name}__{configuration}" / f"fold_{fold}"
 
 
 @contextmanager
@@ -126,8 +138,13 @@ def build_trainer(
     config: TrainConfig,
     device: torch.device,
     continue_training: bool = False,
+    output_folder: Path | None = None,
 ):
-    """Our trainer class for ``config.mode``, constructed the way nnU-Net's run_training does."""
+    """Our trainer class for ``config.mode``, constructed the way nnU-Net's run_training does.
+
+    ``output_folder``: the fold folder to train into when it is not the one nnU-Net derives from the class name
+    (an annotation round's); see :func:`redirect_output`.
+    """
     from nnfiltermatch.trainer import TRAINERS
 
     prepared = load_prepared(dataset_name)
@@ -135,9 +152,36 @@ def build_trainer(
     dataset_json = json.loads((preprocessed_root(dataset_name) / "dataset.json").read_text())
     plans[PLANS_KEY] = config.to_dict()
     plans["continue_training"] = continue_training
-    return TRAINERS[config.mode](
+    trainer_class = TRAINERS[config.mode]
+    default = None
+    if output_folder is not None:
+        default = output_folder_for(dataset_name, trainer_class.__name__, prepared.plans_name, configuration, fold)
+        existed = [p for p in (default, default.parent) if p.exists()]
+    trainer = trainer_class(
         plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device
     )
+    if output_folder is not None and default is not None and Path(output_folder) != default:
+        redirect_output(trainer, Path(output_folder))
+        for folder in (default, default.parent):  # nnU-Net created them (empty) in __init__
+            if folder not in existed:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (another run), or another rank removed it first
+                    pass
+    return trainer
+
+
+def redirect_output(trainer: Any, fold_dir: Path) -> None:
+    """Point a constructed nnU-Net trainer at another fold folder (everything it writes goes there).
+
+    Why not a subclass per round: nnU-Net derives the folder from the class name, but the class name is also what
+    checkpoints record and what predict builds the network from, so it must stay the real trainer's.
+    """
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    trainer.output_folder_base = str(fold_dir.parent)
+    trainer.output_folder = str(fold_dir)
+    trainer.log_file = str(fold_dir / Path(trainer.log_file).name)
+    trainer.logger.output_folder = str(fold_dir)
 
 
 def train(
@@ -152,14 +196,22 @@ def train(
     explicit_options: set[str] | None = None,
     num_processes: int = 1,
     backend: str | None = None,
+    round_number: int | None = None,
 ) -> TrainResult:
     """Train one fold of one mode; refuses to clobber a finished or running model unless told to.
+
+    ``round_number`` (``--round K``): train into annotation round K's folder (``output_folder_for``), after checking
+    that the labelled set is round K's in rounds.json, and record the finished model there.
 
     With ``continue_training`` the configuration stored beside the checkpoint is used, so the resumed run filters
     on the same schedule; only ``epochs`` may be changed (to extend a run), other explicit options are refused.
     ``num_processes`` > 1 spawns that many DDP processes (one per GPU on CUDA, gloo processes on CPU), as nnU-Net's
     ``-num_gpus`` does; a process started by torchrun joins torchrun's process group instead.
     """
+    if round_number is not None:
+        if round_number < 0:
+            raise PreparationError(f"--round {round_number}: give 0 or more")
+        check_round_for_training(dataset_name, round_number, load_prepared(dataset_name).labeled_ids)
     torch_device = configure_runtime(device)  # before nnU-Net's configuration module reads the variables
     owns_group = _check_and_join_group(device, num_processes, backend)
     run = RunOptions(
@@ -171,9 +223,25 @@ def train(
         frozenset(explicit_options or ()),
         num_processes,
         backend,
+        round_number,
     )
     with distributed.leaving_group(owns_group):
-        return (_self_train if config.mode == "selftrain" else _train)(dataset_name, configuration, fold, config, run)
+        runner = _self_train if config.mode == "selftrain" else _train
+        result = runner(dataset_name, configuration, fold, config, run)
+        if round_number is not None and distributed.rank() == 0:
+            try:
+                record_trained_model(
+                    dataset_name,
+                    round_number,
+                    result.output_folder,
+                    mode=config.mode,
+                    configuration=configuration,
+                    labelled=len(load_prepared(dataset_name).labeled_ids),
+                    supervised_stage=result.supervised_stage,
+                )
+            except (OSError, RuntimeError, ValueError) as exc:  # the model is there: say what is missing, do not fail
+                print(f"warning: round {round_number}'s model is not recorded in rounds.json: {exc}", file=sys.stderr)
+        return result
 
 
 def selftrain_stages(config: TrainConfig) -> tuple[TrainConfig, TrainConfig]:
@@ -218,8 +286,12 @@ def _self_train(
     _require_unlabeled(prepared, config, dataset_name)  # before stage 1, not after it
     if supervised.labeled_fraction is None:
         supervised.labeled_fraction = prepared.labeled_fraction
-    sup_out = output_folder_for(dataset_name, TRAINERS["supervised"].__name__, prepared.plans_name, configuration, fold)
-    out = output_folder_for(dataset_name, TRAINERS["selftrain"].__name__, prepared.plans_name, configuration, fold)
+    sup_out = output_folder_for(
+        dataset_name, TRAINERS["supervised"].__name__, prepared.plans_name, configuration, fold, run.round_number
+    )
+    out = output_folder_for(
+        dataset_name, TRAINERS["selftrain"].__name__, prepared.plans_name, configuration, fold, run.round_number
+    )
     # both folders for the whole run: stage 2 reads stage 1's weights, and a busy stage 2 is refused before stage 1
     with model_folder_lock([sup_out, out], f"train --mode {config.mode}"):
         return _self_train_locked(dataset_name, configuration, fold, supervised, stage2, run, sup_out)
@@ -314,7 +386,9 @@ def _train(
     if config.labeled_fraction is None:
         config.labeled_fraction = prepared.labeled_fraction
     trainer_class = TRAINERS[config.mode]
-    out = output_folder_for(dataset_name, trainer_class.__name__, prepared.plans_name, configuration, fold)
+    out = output_folder_for(
+        dataset_name, trainer_class.__name__, prepared.plans_name, configuration, fold, run.round_number
+    )
     with model_folder_lock([out], f"train --mode {config.mode}"):  # the checks below and the training, as one
         return _train_into(out, dataset_name, configuration, fold, config, run)
 
@@ -420,7 +494,7 @@ def _run_trainer(
     # broadcasts rank 0's initial weights, so the model does not depend on it); rank 0 keeps the single-process seed
     seed_everything(config.seed + distributed.rank())
     make_repeatable(config.deterministic, torch_device)
-    trainer = build_trainer(dataset_name, configuration, fold, config, torch_device, continue_training)
+    trainer = build_trainer(dataset_name, configuration, fold, config, torch_device, continue_training, out)
     if continue_training:
         checkpoint = next(
             (

@@ -66,7 +66,7 @@ PSEUDO_LABEL_DIRNAME = "pseudo_labels"
 # its scale, so a lone non-finite loss can pass harmlessly; five in a row means the weights themselves are gone.
 # (Without a scaler, on CPU, the first one already spoils them; the save guard keeps them off disk meanwhile.)
 MAX_NON_FINITE_STEPS = 5
-# the order in which `train --continue` (training._run_trainer) looks for a checkpoint to resume from
+# the order in which `train --continue` looks for a checkpoint to resume from
 RESUME_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 

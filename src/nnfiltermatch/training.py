@@ -496,14 +496,9 @@ def _run_trainer(
     make_repeatable(config.deterministic, torch_device)
     trainer = build_trainer(dataset_name, configuration, fold, config, torch_device, continue_training, out)
     if continue_training:
-        checkpoint = next(
-            (
-                out / n
-                for n in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
-                if (out / n).is_file()
-            ),
-            None,
-        )
+        from nnfiltermatch.trainer import RESUME_ORDER
+
+        checkpoint = next((out / n for n in RESUME_ORDER if (out / n).is_file()), None)
         if checkpoint is None:
             print(f"--continue: no checkpoint in {out}, starting a new training")
         else:

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS="${SEEDS:-0}"
-for epochs in ${EPOCHS:-25 50 100 200}; do
+for epochs in ${EPOCHS:-25 50 100 200 400}; do
   .venv/bin/python benchmarks/run.py --dataset hippocampus --labeled "${LABELED:-10pct}" --profile cpu-long \
     --split validation --modes supervised --seeds $SEEDS --epochs "$epochs" --iters-per-epoch 100 --cost-steps 0
 done

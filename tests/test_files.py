@@ -92,3 +92,25 @@ def test_disk_full_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         "1.2 GiB",
         "5120.0 GiB",
     ]
+
+
+# ----- outputs that cannot be written are refused before any work ---------------------------------------------------
+
+
+def test_unwritable_output_is_refused_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """/sys refuses writes even to root, as a read-only mount does; the error names the option and the folder."""
+    from nnfiltermatch.cli import main
+    from nnfiltermatch.files import NotWritableError, require_writable
+
+    require_writable(tmp_path / "new" / "deeper", "-o")  # creatable: fine, and nothing is left behind
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(NotWritableError, match="-o /sys/nnfm/out: cannot write in /sys"):
+        require_writable("/sys/nnfm/out", "-o")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotWritableError, match="is a file, not a folder"):
+        require_writable(tmp_path / "file" / "sub", "--export")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    code = main(["evaluate", "--pred", str(pred), "-r", str(pred), "-o", "/sys/nnfm/summary.json"])
+    assert code == 2
+    assert "nnfiltermatch evaluate: error: -o /sys/nnfm/summary.json: cannot write in /sys" in capsys.readouterr().err

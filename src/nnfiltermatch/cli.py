@@ -815,6 +815,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# where each command writes: (attribute, option named in the error, a file rather than a folder); train and prepare
+# write under nnU-Net's folders, named by their variables
+OUTPUTS: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "evaluate": (("output", "-o", True),),
+    "predict": (("output", "-o", False),),
+    "query": (("output", "-o", True), ("png_dir", "--png-dir", False), ("export", "--export", False)),
+    "report": (("output", "-o", True),),
+    "demo": (("out", "--out", False),),
+}
+ENV_OUTPUTS = {"train": "nnUNet_results", "prepare": "nnUNet_preprocessed"}
+
+
+def check_outputs_writable(args: argparse.Namespace) -> None:
+    """Every output location of the command is writable, checked before any work starts."""
+    from nnfiltermatch.files import require_writable
+
+    for attribute, option, is_file in OUTPUTS.get(args.command, ()):
+        value = getattr(args, attribute, None)
+        if value is not None:
+            require_writable(value, option, is_file)
+    variable = ENV_OUTPUTS.get(args.command)
+    if variable and os.environ.get(variable):
+        require_writable(os.environ[variable], f"${variable} =")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from nnfiltermatch.inventory import DataValidationError
@@ -822,9 +847,13 @@ def main(argv: list[str] | None = None) -> int:
     from nnfiltermatch.preparation import PreparationError
 
     try:
+        check_outputs_writable(args)
         return COMMANDS[args.command](args)
     except (DataValidationError, PreparationError, EvaluationError, ValueError) as exc:
         print(f"nnfiltermatch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:  # a location the checks above could not foresee (e.g. a file inside the output)
+        print(f"nnfiltermatch {args.command}: error: permission denied: {exc.filename or exc}", file=sys.stderr)
         return 2
 
 

@@ -63,3 +63,31 @@ def format_size(n: float) -> str:
         if n < 1024 or unit == "GiB":
             break
     return f"{n:.1f} {unit}"
+
+
+class NotWritableError(ValueError):
+    """An output location this process cannot write to; raised before any work starts."""
+
+
+def require_writable(path: str | os.PathLike[str], option: str, is_file: bool = False) -> None:
+    """Refuse an output folder (or a file's folder) that cannot be created or written in, naming the option.
+
+    A real probe file rather than ``os.access``: root passes every permission check but not a read-only mount, and
+    a PermissionError after an hour of training helps nobody.
+    """
+    target = Path(path).absolute()
+    folder = target.parent if is_file else target
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotWritableError(f"{option} {path}: {existing} is a file, not a folder")
+    probe = existing / f".nnfm-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise NotWritableError(
+            f"{option} {path}: cannot write in {existing} ({exc.strerror}); choose a folder you can write to, or "
+            "fix its permissions"
+        ) from None

@@ -15,19 +15,17 @@ For each: Spearman's rho against the reference, how many of the cases a filter r
 set, and seconds for the whole pool. The pool is scored in chunks with the variants interleaved (their order rotated
 per chunk), so load from other jobs on a shared machine falls on all variants alike.
 
-``--running`` adds the fifth variant, ``--filter-scoring running`` (mean entropy of the weak-view predictions the
-training steps make anyway), which exists only inside a training run: a short filtermatch training with running
-scoring is started in a scratch results folder, and at each filter round, just before the round decides, the same
-teacher scores the same pool with the reference and with the default window scoring. The round's own scores
-(running where a case was seen since the last round, window otherwise) are then compared with them.
+The fifth variant once measured here, ``--filter-scoring running`` (the mean entropy of the weak-view predictions
+the training steps make anyway), ranked about as well as chance (BENCHMARKS.md section 5) and was removed; the
+``running`` part of a ``scoring_agreement.json`` written then is kept in the file but no longer reported.
 
 Usage (nnU-Net's folders are derived from the model folder: ``<root>/nnUNet_results/<dataset>/<model>`` with
 ``<root>/nnUNet_preprocessed`` beside it, as ``benchmarks/run.py`` lays them out):
     nnUNet_compile=0 nnUNet_n_proc_DA=1 nnUNet_def_n_proc=1 OMP_NUM_THREADS=2 .venv/bin/python \\
-        benchmarks/scoring_agreement.py --running --out results/scoring_agreement -m \\
+        benchmarks/scoring_agreement.py --out results/scoring_agreement -m \\
         work_dirs/hippocampus/10pct/nnUNet_results/Dataset904_HippocampusBench/nnFilterMatchTrainer__nnUNetPlans__3d_fullres_cpu
 Writes ``scoring_agreement.json`` and ``scoring_agreement.md`` into ``--out``. The model folder is only read: the
-trainer object that scores (and the ``--running`` training) live in a scratch ``nnUNet_results`` folder.
+trainer object that scores lives in a scratch ``nnUNet_results`` folder.
 """
 
 from __future__ import annotations
@@ -205,7 +203,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-# ----- part 1: the variants on the final model ----------------------------------------------------------------------
+# ----- the variants on the final model ----------------------------------------------------------------------
 def window_part(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     from nnfiltermatch.unlabeled import UnlabeledDataset
 
@@ -246,94 +244,6 @@ def window_part(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "variants": rows,
-    }
-
-
-# ----- part 2: running scores inside a short training ---------------------------------------------------------------
-def running_part(args: argparse.Namespace, device: Any) -> dict[str, Any]:
-    """A short filtermatch run with ``--filter-scoring running``; each round is also scored by window, same teacher."""
-    from nnfiltermatch.config import resolve_config
-    from nnfiltermatch.preparation import load_prepared
-    from nnfiltermatch.training import build_trainer, seed_everything
-
-    dataset_name = args.model.parent.name
-    configuration = args.model.name.split("__")[-1]
-    config = resolve_config(
-        {
-            "mode": "filtermatch",
-            "seed": args.running_seed,
-            "epochs": args.running_epochs,
-            "iters_per_epoch": args.running_iters,
-            "val_iters_per_epoch": args.running_val_iters,
-            "save_every": args.running_epochs,
-            "filter_scoring": "running",
-            # pseudo-labels from the end of warm-up, as the section-4 benchmark models had them (an option of newer
-            # configurations; older ones ignore it)
-            "ssl_start_dice": 0.0,
-            "labeled_fraction": load_prepared(dataset_name).labeled_fraction,
-        }
-    )
-    seed_everything(config.seed)
-    trainer = build_trainer(dataset_name, configuration, "all", config, device)
-    rounds: list[dict[str, Any]] = []
-    original = trainer.run_filter_round
-
-    def round_with_references() -> dict[str, Any]:
-        pool = list(trainer.pool)
-        counts = [int(trainer.running_scores[c][1]) for c in pool if c in trainer.running_scores]
-        seen, patches = sum(1 for n in counts if n > 0), sum(counts)
-        windows = score_interleaved(trainer, pool, (REFERENCE, DEFAULT), args.chunk)
-        record = original()  # the run's own round: running scores, window scores for unseen cases, the decision
-        scores = {c["case"]: float(c["score"]) for c in record["cases"]}
-        running_only = {c["case"]: float(c["score"]) for c in record["cases"] if c["source"] == "running"}
-        reference, ref_seconds = windows[REFERENCE.name]
-        default, default_seconds = windows[DEFAULT.name]
-        rounds.append(
-            {
-                "epoch": record["epoch"],
-                "pool": len(pool),
-                "running_scored": seen,
-                "running_patches": patches,
-                "running_round_seconds": record["seconds"],
-                "reference_seconds": ref_seconds,
-                "default_seconds": default_seconds,
-                "running_vs_reference": agreement(scores, reference, config.filter_drop),
-                "running_only_vs_reference": agreement(running_only, reference, config.filter_drop),
-                "default_vs_reference": agreement(default, reference, config.filter_drop),
-                "running_vs_default": agreement(scores, default, config.filter_drop),
-                "scores": {"running": scores, "reference": reference, "default": default},
-            }
-        )
-        print(f"[running] round at epoch {record['epoch']}: {json.dumps(rounds[-1]['running_vs_reference'])}")
-        return record
-
-    trainer.run_filter_round = round_with_references  # on_train_epoch_start calls it through the instance
-    start = time.time()
-    trainer.run_training()
-    return {
-        "config": {
-            k: getattr(config, k)
-            for k in (
-                "seed",
-                "epochs",
-                "iters_per_epoch",
-                "val_iters_per_epoch",
-                "warmup_epochs",
-                "rampup_epochs",
-                "teacher",
-                "score",
-                "filter_drop",
-                "filter_epochs",
-                "filter_scoring",
-            )
-        },
-        "dataset": dataset_name,
-        "configuration": configuration,
-        "batch_size": trainer.batch_size,
-        "unlabeled_batch_size": trainer.unlabeled_batch_size,
-        "ssl_start_epoch": getattr(trainer, "ssl_start_epoch", config.warmup_epochs),
-        "training_seconds_including_reference_scoring": time.time() - start,
-        "rounds": rounds,
     }
 
 
@@ -384,37 +294,6 @@ def markdown(result: dict[str, Any]) -> str:
             f"{' '.join(f'{x:.2f}' for x in window['loadavg_after'])}.",
             "",
         ]
-    running = result.get("running")
-    if running:
-        cfg = running["config"]
-        lines += [
-            f"Running scores (`--filter-scoring running`) in a short filtermatch run on {running['dataset']} "
-            f"(`{running['configuration']}`, {cfg['epochs']} epochs x {cfg['iters_per_epoch']} iterations, batch "
-            f"{running['batch_size']} + {running['unlabeled_batch_size']} unlabelled, warm-up {cfg['warmup_epochs']} "
-            f"epochs, pseudo-labels from epoch {running['ssl_start_epoch']}, seed {cfg['seed']}, filter rounds at "
-            f"epochs {cfg['filter_epochs']}). At each round the same EMA teacher also scored the pool by window "
-            "(reference and default); the round's scores are running means "
-            "for cases seen since the last round, default window scores for the others.",
-            "",
-            "| round (epoch) | pool | cases with a running score (patches) | the round's scores vs reference: rho, "
-            "drop set shared, worst rank dropped | running-scored cases only: rho | default window vs reference: rho, "
-            "drop set shared, worst rank dropped | s: reference / default window / running round |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        drop = running["config"]["filter_drop"]
-        for r in running["rounds"]:
-            rv, ro, dv = r["running_vs_reference"], r["running_only_vs_reference"], r["default_vs_reference"]
-            ref = r["scores"]["reference"]
-            worst_round = _worst_rank(rv, r["scores"]["running"], ref, drop)
-            worst_default = _worst_rank(dv, r["scores"]["default"], ref, drop)
-            lines.append(
-                f"| {r['epoch']} | {r['pool']} | {r['running_scored']} ({r['running_patches']}) | "
-                f"{rv['spearman_rho']:.4f}, {rv['drop_overlap']}/{rv['drop_count']} ({rv['drop_agreement']:.0%}), "
-                f"{worst_round} | {ro['spearman_rho']:.4f} | {dv['spearman_rho']:.4f}, "
-                f"{dv['drop_overlap']}/{dv['drop_count']} ({dv['drop_agreement']:.0%}), {worst_default} | "
-                f"{r['reference_seconds']:.1f} / {r['default_seconds']:.1f} / {r['running_round_seconds']:.1f} |"
-            )
-        lines.append("")
     lines.append(
         f"Machine: {env['platform']}, {env['cpu_count']} cores ({env['torch_threads']} torch threads), python "
         f"{env['python']}, torch {env['torch']}, nnU-Net {env['nnunetv2']}, device {result['device']}"
@@ -432,12 +311,6 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--chunk", type=int, default=10, help="cases per interleaving chunk")
     parser.add_argument("--cases", type=int, default=0, help="score only the first N cases (a quick check)")
-    parser.add_argument("--no-window", action="store_true", help="skip the variants on the model (keep earlier ones)")
-    parser.add_argument("--running", action="store_true", help="also measure --filter-scoring running (trains)")
-    parser.add_argument("--running-epochs", type=int, default=20)
-    parser.add_argument("--running-iters", type=int, default=50)
-    parser.add_argument("--running-val-iters", type=int, default=5)
-    parser.add_argument("--running-seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/scoring_agreement"))
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json in --out, no work")
     args = parser.parse_args()
@@ -475,13 +348,7 @@ def main() -> None:
             atomic_write_text(args.out / "scoring_agreement.md", markdown(result))
             return result
 
-        result: dict[str, Any] = {}
-        if not args.no_window:
-            result = save("window", window_part(args, device))
-        if args.running:
-            result = save("running", running_part(args, device))
-        if result:
-            print(markdown(result))
+        print(markdown(save("window", window_part(args, device))))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
 from nnfiltermatch.cli import main
-from nnfiltermatch.config import resolve_config
+from nnfiltermatch.config import TrainConfig, resolve_config
 
 
 def test_invalid_options_are_listed_together() -> None:
@@ -42,6 +44,22 @@ def test_unknown_choice_is_refused_by_the_command_line(capsys: pytest.CaptureFix
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --mode: invalid choice: 'fancy'" in err and "supervised" in err and "filtermatch" in err
+
+
+def test_removed_filter_scoring_is_refused_but_older_configurations_load(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--filter-scoring running ranked about as well as chance (BENCHMARKS.md s.5) and was removed; a configuration
+    file written before still loads, and scores by window, the one scoring left."""
+    with pytest.raises(SystemExit) as info:
+        main(["train", "-d", "901", "-c", "3d_fullres_cpu", "-f", "all", "--filter-scoring", "running"])
+    assert info.value.code == 2 and "unrecognized arguments: --filter-scoring running" in capsys.readouterr().err
+    old = {**resolve_config({"mode": "filtermatch"}).to_dict(), "filter_scoring": "running"}
+    (tmp_path / "nnfiltermatch_config.json").write_text(json.dumps(old))
+    loaded = TrainConfig.from_dict(json.loads((tmp_path / "nnfiltermatch_config.json").read_text()))
+    assert not hasattr(loaded, "filter_scoring") and "filter_scoring" not in loaded.to_dict()
+    loaded.validate()
+    assert loaded.mode == "filtermatch"
 
 
 def test_deterministic_is_a_train_option_that_forces_in_process_augmentation(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ Every rank must end with the same pool, filter rounds, student and EMA-teacher w
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,9 +28,6 @@ def test_helpers_are_noops_without_a_process_group() -> None:
     assert (distributed.rank(), distributed.world_size()) == (0, 1)
     assert distributed.shard(["a", "b", "c"]) == ["a", "b", "c"]
     assert distributed.gather_scores({"a": 1.0}) == {"a": 1.0}
-    local = {"a": [2.0, 1]}
-    merged = distributed.gather_running_scores(local)
-    assert merged == local and merged["a"] is not local["a"]  # a copy: safe to put into a checkpoint
     box = {"x": 1}
     assert distributed.broadcast_from_rank0(box) is box
     distributed.barrier()
@@ -40,10 +38,6 @@ def test_merges_and_their_guards() -> None:
     assert distributed.merge_scores([{"a": 1.0}, {"b": 2.0}, {"a": 1.0}]) == {"a": 1.0, "b": 2.0}
     with pytest.raises(RuntimeError, match="scored twice"):
         distributed.merge_scores([{"a": 1.0}, {"a": 1.5}])
-    assert distributed.merge_running([{"a": [1.0, 1], "b": [2.0, 2]}, {"a": [3.0, 1]}]) == {
-        "a": [4.0, 2],
-        "b": [2.0, 2],
-    }
 
 
 def test_backend_choice_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,7 +76,6 @@ def _helper_worker(out: str) -> None:
     cases = [f"case_{i}" for i in range(5)]
     mine = distributed.shard(cases)
     scores = distributed.gather_scores({c: float(cases.index(c)) for c in mine})
-    running = distributed.gather_running_scores({"a": [1.0 + r, 1], f"only_{r}": [5.0, 2]})
     decision = distributed.broadcast_from_rank0({"decided_by": r})
     # DDP on CPU without device_ids (what the trainer does): different initial weights and different data per rank
     torch.manual_seed(100 + r)
@@ -98,7 +91,6 @@ def _helper_worker(out: str) -> None:
     result = {
         "mine": mine,
         "scores": scores,
-        "running": running,
         "decision": decision,
         "after_wrap": after_wrap,
         "after_steps": distributed.state_digest(model),
@@ -116,7 +108,6 @@ def test_helpers_in_a_two_process_gloo_group(tmp_path: Path, monkeypatch: pytest
     assert ranks[0]["mine"] == ["case_0", "case_2", "case_4"] and ranks[1]["mine"] == ["case_1", "case_3"]
     expected = {f"case_{i}": float(i) for i in range(5)}
     assert ranks[0]["scores"] == ranks[1]["scores"] == expected
-    assert ranks[0]["running"] == ranks[1]["running"] == {"a": [3.0, 2], "only_0": [5.0, 2], "only_1": [5.0, 2]}
     assert ranks[0]["decision"] == ranks[1]["decision"] == {"decided_by": 0}
     assert ranks[0]["after_wrap"] == ranks[1]["after_wrap"]  # DDP broadcast rank 0's weights
     assert ranks[0]["after_steps"] == ranks[1]["after_steps"]  # averaged gradients keep them identical
@@ -129,7 +120,7 @@ def test_helpers_in_a_two_process_gloo_group(tmp_path: Path, monkeypatch: pytest
 
 
 def test_two_process_training_keeps_ranks_identical(prepared: Path, tmp_path: Path) -> None:
-    """3 epochs x 2 iterations, warm-up 1, filter at epoch 2 (running scores merged, the rest window-scored)."""
+    """3 epochs x 2 iterations, warm-up 1, filter at epoch 2 (the pool window-scored, shared out over the ranks)."""
     digests = tmp_path / "digests"
     env = {**os.environ, distributed.DIGEST_ENV: str(digests), "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0"}
     args = [
@@ -158,8 +149,6 @@ def test_two_process_training_keeps_ranks_identical(prepared: Path, tmp_path: Pa
         "0",
         "--filter-start",
         "2",
-        "--filter-scoring",
-        "running",
         "--filter-tile-step",
         "1.0",
         "--no-final-validation",
@@ -183,17 +172,18 @@ def test_two_process_training_keeps_ranks_identical(prepared: Path, tmp_path: Pa
     assert r0["student"] == r1["student"]
     assert r0["teacher"] == r1["teacher"] and r0["teacher"] is not None and r0["teacher"] != r0["student"]
     # the ranks drew different unlabelled patches in the last epoch (seeded per rank), 2 steps x 1 patch each
-    assert r0["running_cases"] != r1["running_cases"]
-    assert 1 <= len(r0["running_cases"]) <= 2 and 1 <= len(r1["running_cases"]) <= 2
+    assert r0["unlabeled_drawn"] != r1["unlabeled_drawn"]
+    assert 1 <= len(r0["unlabeled_drawn"]) <= 2 and 1 <= len(r1["unlabeled_drawn"]) <= 2
 
     out = prepared / "results" / DATASET / f"nnFilterMatchTrainer__nnUNetPlans__{CONFIG}" / "fold_all"
     record = json.loads((out / "filter_rounds" / "epoch_0002.json").read_text())
     assert record["world_size"] == 2 and record["pool_before"] == 36 and record["pool_after"] == 31
     dropped = sorted(c["case"] for c in record["cases"] if not c["kept"])
     assert dropped == r0["filter_rounds"][0]["dropped"]
-    # running scores of epoch 1 merged over both ranks (2 steps x 1 patch x 2 ranks), the rest scored by window
-    sources = [c["source"] for c in record["cases"]]
-    assert 1 <= sources.count("running") <= 4 and sources.count("window") == 36 - sources.count("running")
+    # the pool was window-scored shared out over the ranks and gathered: every case once, with a finite score
+    scored = [c["case"] for c in record["cases"]]
+    assert len(set(scored)) == 36 and set(r0["pool"]) < set(scored)
+    assert all(math.isfinite(c["score"]) for c in record["cases"])
 
     from nnfiltermatch.trainer import STATE_KEY  # here, not at the top: spawned helper workers import this module
 
@@ -202,8 +192,5 @@ def test_two_process_training_keeps_ranks_identical(prepared: Path, tmp_path: Pa
     assert state["pool"] == r0["pool"] and [r["epoch"] for r in state["filter_rounds"]] == [2]
     assert distributed.state_digest(checkpoint["network_weights"]) == r0["student"]
     assert distributed.state_digest(state["teacher"]) == r0["teacher"]
-    # the checkpoint holds both ranks' running scores since the round, merged
-    assert set(state["running_scores"]) == set(r0["running_cases"]) | set(r1["running_cases"])
-    assert sum(count for _, count in state["running_scores"].values()) == 4
     assert not list(out.glob("*.partial"))
     print(f"2-process DDP training: {seconds:.1f} s")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import CONFIG, DATASET, overwrite_tensor_bytes
-from nnfiltermatch.config import CONFIG_FILENAME, resolve_config
+from nnfiltermatch.config import CONFIG_FILENAME, TrainConfig, resolve_config
 from nnfiltermatch.preparation import PreparationError
 from nnfiltermatch.trainer import STATE_KEY
 from nnfiltermatch.training import build_trainer, train
@@ -95,9 +95,7 @@ def test_paired_runs_share_their_random_numbers(prepared: Path, monkeypatch: pyt
 
 
 def test_filtermatch_filters_on_schedule(prepared: Path) -> None:
-    config = resolve_config(
-        {**SHORT, "mode": "filtermatch", "epochs": 3, "filter_start": 2, "filter_scoring": "running"}
-    )
+    config = resolve_config({**SHORT, "mode": "filtermatch", "epochs": 3, "filter_start": 2})
     assert config.filter_epochs == [2]
     out = train(DATASET, CONFIG, "all", config, "cpu", overwrite=True, final_validation=False).output_folder
     record = json.loads((out / "filter_rounds" / "epoch_0002.json").read_text())
@@ -106,17 +104,12 @@ def test_filtermatch_filters_on_schedule(prepared: Path) -> None:
     scores = {c["case"]: c["score"] for c in record["cases"]}
     assert max(scores[c] for c in dropped) <= min(s for c, s in scores.items() if c not in dropped)
     assert record["seconds"] > 0
-    # running scoring: cases seen by the weak view in epoch 1 (3 steps x 2 patches) reuse those predictions,
-    # the others are scored by sliding-window inference
-    sources = [c["source"] for c in record["cases"]]
-    assert 1 <= sources.count("running") <= 6 and sources.count("window") == 36 - sources.count("running")
+    # every case scored by sliding-window inference, the only scoring (no per-case "source" to tell apart)
+    assert len(scores) == 36 and all("source" not in c for c in record["cases"])
     state = _checkpoint(out)["init_args"][STATE_KEY]
     assert len(state["pool"]) == 31 and not set(dropped) & set(state["pool"])
     assert [r["epoch"] for r in state["filter_rounds"]] == [2]
     assert _checkpoint(out)["logging"]["pool_size"] == [36, 36, 31]
-    assert "warning: --filter-scoring running ranked cases about as well as chance" in "".join(
-        log.read_text() for log in out.glob("training_log_*.txt")
-    )
 
 
 def test_rebuilt_loader_draws_only_kept_cases(prepared: Path) -> None:
@@ -417,6 +410,29 @@ def test_checkpoint_from_before_the_gate_keeps_its_start(
     resumed.load_checkpoint(str(path))
     assert resumed.current_epoch == saved_epoch + 1
     assert resumed.ssl_start_epoch == expected_start
+
+
+def test_checkpoint_with_running_scores_of_an_older_version_resumes(prepared: Path, tmp_path: Path) -> None:
+    """Checkpoints from before --filter-scoring running was removed carry "running_scores" and "filter_scoring" in
+    their state: both are ignored, the rest resumes."""
+    from nnfiltermatch.unlabeled import UnlabeledDataset
+
+    config = resolve_config({**SHORT, "mode": "filtermatch"})
+    trainer = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
+    trainer.initialize()
+    trainer.pool = UnlabeledDataset.get_identifiers(str(trainer.unlabeled_folder))[:-1]
+    path = tmp_path / "old.pth"
+    trainer.save_checkpoint(str(path))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint["init_args"][STATE_KEY]
+    state["running_scores"] = {trainer.pool[0]: [0.5, 2]}
+    state["config"]["filter_scoring"] = "running"
+    torch.save(checkpoint, path)
+    resumed = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
+    resumed.load_checkpoint(str(path))
+    assert resumed.pool == trainer.pool and not hasattr(resumed, "running_scores")
+    stored = TrainConfig.from_dict(state["config"])
+    assert stored.mode == "filtermatch" and "filter_scoring" not in stored.to_dict()
 
 
 def test_selftrain_trains_on_the_supervised_models_pseudo_labels(

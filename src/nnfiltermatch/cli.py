@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from nnfiltermatch import __version__
-from nnfiltermatch.config import MODES, PRESETS, SCORES, SCORINGS, TEACHERS, UNSUP_LOSSES
+from nnfiltermatch.config import MODES, PRESETS, SCORES, TEACHERS, UNSUP_LOSSES
 
 
 def _default_device() -> str:
@@ -240,12 +240,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--topk-fraction", type=float)
     f.add_argument("--filter-mirroring", action="store_true", default=None, help="mirror when scoring (8x slower)")
     f.add_argument(
-        "--filter-scoring",
-        choices=SCORINGS,
-        help="window: sliding-window inference over the pool (default); running: average of the weak-view "
-        "predictions made during training since the last round (free; unseen cases by window)",
-    )
-    f.add_argument(
         "--filter-tile-step",
         type=float,
         help="sliding-window step (fraction of the patch) when scoring; 1.0 = no overlap (default)",
@@ -408,7 +402,6 @@ TRAIN_OPTION_NAMES = (
     "filter_drop",
     "score",
     "topk_fraction",
-    "filter_scoring",
     "filter_mirroring",
     "filter_tile_step",
 )

@@ -19,7 +19,6 @@ from nnfiltermatch.uncertainty import filter_schedule
 Mode = Literal["supervised", "ssl", "filtermatch", "selftrain"]
 MODES: tuple[str, ...] = ("supervised", "ssl", "filtermatch", "selftrain")
 SCORES: tuple[str, ...] = ("mean", "sum", "topk")
-SCORINGS: tuple[str, ...] = ("window", "running")
 UNSUP_LOSSES: tuple[str, ...] = ("ce", "dice_ce")
 TEACHERS: tuple[str, ...] = ("student", "ema")
 PRESETS: tuple[str, ...] = ("default", "paper")
@@ -68,7 +67,6 @@ class TrainConfig:
     filter_drop: float = 0.15
     score: str = "mean"
     topk_fraction: float = 0.1
-    filter_scoring: str = "window"
     filter_mirroring: bool = False
     filter_tile_step: float = 1.0
     # bookkeeping filled in by the CLI
@@ -101,10 +99,6 @@ class TrainConfig:
             problems.append(f"--score {self.score!r}: choose one of {', '.join(SCORES)}")
         if self.unsup_loss not in UNSUP_LOSSES:
             problems.append(f"--unsup-loss {self.unsup_loss!r}: choose one of {', '.join(UNSUP_LOSSES)}")
-        if self.filter_scoring not in SCORINGS:
-            problems.append(f"--filter-scoring {self.filter_scoring!r}: choose one of {', '.join(SCORINGS)}")
-        elif self.filter_scoring == "running" and self.score == "sum":
-            problems.append("--filter-scoring running averages patch scores: use --score mean or topk, not sum")
         for name in ("epochs", "iters_per_epoch"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -186,7 +180,6 @@ def paper_values(labeled_fraction: float | None) -> dict[str, Any]:
         "cutout_p": 0.0,
         "cutmix_p": 0.0,
         "copy_paste_p": 0.0,
-        "filter_scoring": "window",
         "filter_mirroring": True,
         "filter_tile_step": 0.5,
     }

@@ -183,25 +183,9 @@ def merge_scores(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     return merged
 
 
-def merge_running(parts: Sequence[dict[str, list[float]]]) -> dict[str, list[float]]:
-    """Sum the per-case [sum of scores, count] pairs: each rank saw different unlabelled patches."""
-    merged: dict[str, list[float]] = {}
-    for part in parts:
-        for case, (total, count) in part.items():
-            entry = merged.setdefault(case, [0.0, 0])
-            entry[0] += total
-            entry[1] += count
-    return merged
-
-
 def gather_scores(local: dict[str, float]) -> dict[str, float]:
     """All ranks' scores, on every rank."""
     return merge_scores(all_gather(local))
-
-
-def gather_running_scores(local: dict[str, list[float]]) -> dict[str, list[float]]:
-    """All ranks' running scores merged (sums and counts added), on every rank; a copy without a process group."""
-    return merge_running(all_gather(local))
 
 
 def broadcast_from_rank0(obj: T) -> T:

@@ -155,12 +155,11 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         self.ignore_index = self.label_manager.num_segmentation_heads  # never a real class
         self.pool: list[str] | None = None
         self.filter_rounds: list[dict[str, Any]] = []
-        # per-case [sum of patch scores, count] from the weak-view predictions since the last filter round
-        self.running_scores: dict[str, list[float]] = {}
         self.teacher: nn.Module | None = None
         self.ssl_start_epoch: int | None = None  # first epoch with pseudo-labels (see start_semi_supervision_if_due)
         self.dataloader_unlabeled: Any = None
         self._epoch_stats: list[dict[str, float]] = []
+        self._unlabeled_drawn: list[str] = []  # the unlabelled cases of this epoch's steps (the DDP rank digest)
         self._view_rng = torch.Generator()
         self._non_finite_steps = 0  # consecutive training steps with a non-finite loss
         self._non_finite_since: int | None = None  # the epoch of the first of them
@@ -282,11 +281,6 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
                 "augmentation_processes": get_allowed_n_proc_DA(),
             }
             config.write(Path(self.output_folder) / CONFIG_FILENAME)
-            if self.fm.mode == "filtermatch" and self.fm.filter_scoring == "running":
-                self.print_to_log_file(
-                    "warning: --filter-scoring running ranked cases about as well as chance in our measurement "
-                    "(BENCHMARKS.md section 5: Spearman -0.01 and 0.18 against full scoring); prefer window"
-                )
 
     # ----- the semi-supervised step -------------------------------------------------------------------------
     def semi_supervised_now(self) -> bool:
@@ -295,6 +289,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self._epoch_stats = []
+        self._unlabeled_drawn = []
         # per rank, so DDP ranks draw different strong views (rank 0, and a single process, are unchanged)
         self._view_rng.manual_seed(self.fm.seed * 1_000_003 + self.current_epoch + 7_919 * self.local_rank)
         self.start_semi_supervision_if_due()
@@ -345,13 +340,12 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             return self.watch_loss(result)
 
         unlabeled = next(self.dataloader_unlabeled)
+        self._unlabeled_drawn.extend(str(key) for key in unlabeled["keys"])
         weak = unlabeled["data"].to(self.device, non_blocking=True)
         model = self.pseudo_label_model()
         with torch.no_grad():
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
                 weak_logits = _as_list(model(weak))
-            if self.fm.mode == "filtermatch" and self.fm.filter_scoring == "running":
-                self._accumulate_running_scores(unlabeled["keys"], weak_logits[0])
             pseudo, confident = pseudo_labels_for_scales(weak_logits, self.fm.tau, self.ignore_index)
             del weak_logits
             flip = self.current_epoch >= self.fm.flip_from_epoch
@@ -465,7 +459,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             ],
             "student": distributed.state_digest(self.plain_network()),
             "teacher": distributed.state_digest(self.teacher),
-            "running_cases": sorted(self.running_scores),
+            "unlabeled_drawn": sorted(set(self._unlabeled_drawn)),
         }
 
     # ----- the filter ---------------------------------------------------------------------------------------
@@ -512,14 +506,6 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             scores[case_id] = reduce_case_score(voxel_entropy(probs, dim=0), self.fm.score, self.fm.topk_fraction)
         return scores
 
-    def _accumulate_running_scores(self, keys: list[str], logits: torch.Tensor) -> None:
-        """The filter's score gathered for free from the weak-view predictions the step makes anyway."""
-        entropy = voxel_entropy(torch.softmax(logits.float(), dim=1), dim=1)
-        for key, case_entropy in zip(keys, entropy):
-            entry = self.running_scores.setdefault(str(key), [0.0, 0])
-            entry[0] += reduce_case_score(case_entropy, self.fm.score, self.fm.topk_fraction)
-            entry[1] += 1
-
     def _score_shared(self, case_ids: list[str]) -> dict[str, float]:
         """Window scores of ``case_ids`` on every rank; under DDP each case is scored by one rank only."""
         mine = distributed.shard(case_ids)
@@ -528,36 +514,24 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
     def run_filter_round(self) -> dict[str, Any]:
         """Score the pool, drop the most confident fraction, rebuild the unlabelled loader, record the round.
 
-        Under DDP the ranks share the scoring and merge their running scores, rank 0's decision is broadcast, and
-        every rank rebuilds its loader on the same pool before a barrier.
+        Under DDP the ranks share the scoring, rank 0's decision is broadcast, and every rank rebuilds its loader on
+        the same pool before a barrier.
         """
         assert self.pool is not None
         start = time.time()
         before = list(self.pool)
-        sources = dict.fromkeys(before, "window")
-        if self.fm.filter_scoring == "running":
-            merged = distributed.gather_running_scores(self.running_scores)
-            running = {c: v[0] / v[1] for c, v in merged.items() if c in sources and v[1] > 0}
-            sources.update(dict.fromkeys(running, "running"))
-            unseen = [c for c in before if c not in running]
-            scores = {**running, **self._score_shared(unseen)}
-            self.running_scores = {}
-        else:
-            scores = self._score_shared(before)
+        scores = self._score_shared(before)
         dropped = set(select_cases_to_drop(scores, self.fm.filter_drop))
         seconds = time.time() - start
         record = {
             "epoch": self.current_epoch,
             "score": self.fm.score,
-            "scoring": self.fm.filter_scoring,
             "mirroring": self.fm.filter_mirroring,
             "tile_step": self.fm.filter_tile_step,
             "pool_before": len(before),
             "pool_after": len(before) - len(dropped),
             "seconds": round(seconds, 3),
-            "cases": [
-                {"case": c, "score": scores[c], "kept": c not in dropped, "source": sources[c]} for c in sorted(before)
-            ],
+            "cases": [{"case": c, "score": scores[c], "kept": c not in dropped} for c in sorted(before)],
         }
         if distributed.is_distributed():
             record["world_size"] = distributed.world_size()
@@ -586,8 +560,6 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             "trainer_class": f"{type(self).__module__}.{type(self).__name__}",
             "pool": list(self.pool) if self.pool is not None else None,
             "filter_rounds": copy.deepcopy(self.filter_rounds),
-            # every rank's running scores (sums and counts merged); on resume rank 0 alone carries them on
-            "running_scores": distributed.gather_running_scores(self.running_scores),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             "ssl_start_epoch": self.ssl_start_epoch,
         }
@@ -696,7 +668,6 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         self.pool = self._pool_still_unlabeled(state["pool"])
         self.filter_rounds = state["filter_rounds"]
         self.ssl_start_epoch = state.get("ssl_start_epoch", self._start_epoch_before_the_gate())
-        self.running_scores = state.get("running_scores", {}) if self.local_rank == 0 else {}
         if self.teacher is not None and state["teacher"] is not None:
             self.teacher.load_state_dict(state["teacher"])
         for key in SSL_LOG_KEYS:

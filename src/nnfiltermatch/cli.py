@@ -90,6 +90,9 @@ def _add_round(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+PLANS_HELP = "plans name (default: the plans -d was prepared with, else nnUNetPlans)"
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", "-device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
 
@@ -123,7 +126,21 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "records (default: the folder above --add-labels DIR when it is an export, i.e. DIR/labelsTr)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for --labeled-fraction (default 0)")
-    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans name (default nnUNetPlans)")
+    p.add_argument(
+        "-pl",
+        "--planner",
+        default=None,
+        metavar="PLANNER",
+        help="nnU-Net's planner by its name: ExperimentPlanner (default), nnUNetPlannerResEncM/L/XL (residual "
+        "encoder presets), ...",
+    )
+    p.add_argument(
+        "-p",
+        "--plans",
+        default=None,
+        help="plans name (default: the planner's own, e.g. nnUNetPlans, nnUNetResEncUNetMPlans); one that is another "
+        "planner's is refused",
+    )
     p.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
     p.add_argument(
         "--allow-no-unlabeled",
@@ -137,6 +154,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-d", "--dataset", required=True)
     p.add_argument("-c", "--configuration", required=True, help="e.g. 3d_fullres, 2d, 3d_fullres_cpu")
     p.add_argument("-f", "--fold", required=True, help="0-4 or all")
+    p.add_argument("-p", "--plans", default=None, help="plans name (default: the plans the dataset was prepared with)")
     p.add_argument(
         "--mode",
         choices=MODES,
@@ -295,7 +313,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-d", "--dataset", help="dataset ID or name: with -c and --mode, finds the folder train wrote")
     p.add_argument("-c", "--configuration", help="e.g. 3d_fullres, 3d_fullres_cpu")
     p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
-    p.add_argument("-p", "--plans", default=None, help="plans name (default nnUNetPlans)")
+    p.add_argument("-p", "--plans", default=None, help=PLANS_HELP)
     _add_round(p, "with -d/-c/--mode, predict with the model in")
     p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble, e.g. -f 0 1 2 or -f all (default: found)")
     _add_checkpoint(p)
@@ -448,6 +466,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         plans_name=args.plans,
         num_processes=args.num_processes,
         allow_no_unlabeled=args.allow_no_unlabeled,
+        planner=args.planner,
     )
     print(
         f"{prepared.dataset_name}: {len(prepared.labeled_ids)} labelled, {len(prepared.unlabeled_ids)} unlabelled "
@@ -490,6 +509,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_processes=args.num_processes,
         backend=args.backend,
         round_number=args.round_number,
+        plans_name=args.plans,
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(f"Model written to {result.output_folder}")
@@ -553,9 +573,19 @@ def _model_dir_from_args(args: argparse.Namespace, error: type[ValueError]) -> P
             "--mode, default filtermatch; --round K)"
         )
     model_dir = resolve_model_dir(
-        args.dataset, args.configuration, args.mode or "filtermatch", args.plans or "nnUNetPlans"
+        args.dataset, args.configuration, args.mode or "filtermatch", args.plans or _prepared_plans(args.dataset)
     )
     return model_dir_for_round(model_dir, round_number) if round_number is not None else model_dir
+
+
+def _prepared_plans(dataset: str) -> str:
+    """The plans ``dataset`` was prepared with (so a ResEnc preparation needs no -p), else nnU-Net's default."""
+    from nnfiltermatch.preparation import DEFAULT_PLANS, PreparationError, dataset_name_from_id, load_prepared
+
+    try:
+        return load_prepared(dataset_name_from_id(dataset)).plans_name
+    except (PreparationError, OSError, ValueError, KeyError):  # not prepared here (e.g. a copied results folder)
+        return DEFAULT_PLANS
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -613,7 +643,7 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-d", "--dataset", help="dataset ID or name: with -c and --mode, finds the folder train wrote")
     p.add_argument("-c", "--configuration", help="e.g. 3d_fullres, 3d_fullres_cpu")
     p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
-    p.add_argument("-p", "--plans", default=None, help="plans name (default nnUNetPlans)")
+    p.add_argument("-p", "--plans", default=None, help=PLANS_HELP)
     _add_round(p, "with -d/-c/--mode, rank with the model in")
     p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: found); reuse needs one fold")
     _add_checkpoint(p)
@@ -739,7 +769,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-d", "--dataset", help="dataset ID or name: with -c and --mode, finds the folder train wrote")
     p.add_argument("-c", "--configuration", help="e.g. 3d_fullres, 3d_fullres_cpu")
     p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
-    p.add_argument("-p", "--plans", default=None, help="plans name (default nnUNetPlans)")
+    p.add_argument("-p", "--plans", default=None, help=PLANS_HELP)
     _add_round(p, "with -d/-c/--mode, report on the model in")
     p.add_argument("-f", "--fold", help="the fold, when MODEL_DIR holds several")
     p.add_argument("-o", "--output", type=Path, help="HTML file (default MODEL_DIR/fold_X/report.html)")

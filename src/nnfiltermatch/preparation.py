@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
+import inspect
 import json
 import os
 import pickle
@@ -43,6 +45,21 @@ PREPARE_TRASH_NAME = ".prepare.replaced"  # what an install replaced, until the 
 PARTIAL_SUFFIX = ".partial"  # preprocessed data being written
 CPU_SUFFIX = "_cpu"
 DEFAULT_PLANS = "nnUNetPlans"
+DEFAULT_PLANNER = "ExperimentPlanner"
+PLANNERS_PACKAGE = "nnunetv2.experiment_planning.experiment_planners"
+# nnU-Net's planners by the names its -pl takes, with their modules under PLANNERS_PACKAGE. Imported by path, not
+# found by nnU-Net's recursive class search, which imports the whole training tree (and crashes on torchvision).
+PLANNERS: dict[str, str] = {
+    "ExperimentPlanner": "default_experiment_planner",
+    "ResEncUNetPlanner": "residual_unets.residual_encoder_unet_planners",
+    "nnUNetPlannerResEncM": "residual_unets.residual_encoder_unet_planners",
+    "nnUNetPlannerResEncL": "residual_unets.residual_encoder_unet_planners",
+    "nnUNetPlannerResEncXL": "residual_unets.residual_encoder_unet_planners",
+    "nnUNetPlannerResEncL_noResampling": "resampling.planners_no_resampling",
+    "nnUNetPlannerResEncL_torchres": "resampling.resample_with_torch",
+    "nnUNetPlannerResEncL_torchres_sepz": "resampling.resample_with_torch",
+    "nnUNetPlanner_torchres": "resampling.resample_with_torch",
+}
 
 
 class PreparationError(RuntimeError):
@@ -134,6 +151,77 @@ def unlabeled_folder(dataset_name: str, data_identifier: str) -> Path:
     return preprocessed_root(dataset_name) / UNLABELED_DIRNAME / data_identifier
 
 
+def planner_class(name: str) -> type:
+    """nnU-Net's planner class called ``name`` (as ``-pl`` names it), imported from its module."""
+    if name not in PLANNERS:
+        raise PreparationError(f"-pl {name}: not one of nnU-Net's planners ({', '.join(PLANNERS)})")
+    return getattr(importlib.import_module(f"{PLANNERS_PACKAGE}.{PLANNERS[name]}"), name)
+
+
+def planner_plans_name(name: str) -> str:
+    """The plans name ``name`` writes by default (its ``plans_name`` default, read from nnU-Net, not copied)."""
+    return str(inspect.signature(planner_class(name).__init__).parameters["plans_name"].default)
+
+
+def _planner_of(plans_file: Path) -> str | None:
+    """The planner recorded in an existing plans file (nnU-Net's ``experiment_planner_used``), if readable."""
+    if not plans_file.is_file():
+        return None
+    try:
+        used = json.loads(plans_file.read_text()).get("experiment_planner_used")
+    except (OSError, ValueError):
+        return None
+    return str(used) if used else None
+
+
+def resolve_planner(planner: str | None, plans_name: str | None, plans_folder: Path) -> tuple[str, str]:
+    """The (planner, plans name) that ``prepare -pl/-p`` means; refuses a pair that does not belong together.
+
+    Why: a fixed planner once wrote a plain U-Net under ``-p nnUNetResEncUNetMPlans``. Rules: ``-pl`` alone writes
+    the planner's own plans name; ``-p`` alone takes the planner whose own name it is, else the one that wrote that
+    plans file (in ``plans_folder``), else ExperimentPlanner; a name that is another planner's own, or a plans file
+    written by another planner, is refused (nnU-Net would merge the two). Other names are custom names, as nnU-Net's
+    ``-overwrite_plans_name``.
+    """
+    if planner is None and plans_name is None:
+        return DEFAULT_PLANNER, DEFAULT_PLANS
+    own_names = {planner_plans_name(name): name for name in PLANNERS} if plans_name is not None else {}
+    if planner is None:
+        existing = _planner_of(plans_folder / f"{plans_name}.json")
+        planner = own_names.get(str(plans_name)) or (existing if existing in PLANNERS else DEFAULT_PLANNER)
+    own = planner_plans_name(planner)
+    plans_name = own if plans_name is None else plans_name
+    owner = own_names.get(plans_name)
+    if owner is not None and owner != planner:
+        raise PreparationError(
+            f"-p {plans_name} is the plans name of planner {owner}, not of -pl {planner} (which writes {own}): give "
+            f"-pl {owner}, or -pl {planner} without -p"
+        )
+    existing = _planner_of(plans_folder / f"{plans_name}.json")
+    if existing is not None and existing != planner:
+        raise PreparationError(
+            f"{plans_folder / plans_name}.json was planned by {existing}, not {planner}: give -pl {existing} to keep "
+            f"it, or another -p, or delete that file and its {plans_name}_* folders to re-plan with {planner}"
+        )
+    return planner, plans_name
+
+
+def check_prepared_plans(prepared: PreparedDataset, plans_name: str | None) -> None:
+    """``-p`` of train must be the plans the dataset is prepared with (the manifest names one set of plans)."""
+    if plans_name is None or plans_name == prepared.plans_name:
+        return
+    how = f"-p {plans_name}"
+    try:
+        how = next(f"-pl {name}" for name in PLANNERS if planner_plans_name(name) == plans_name)
+    except StopIteration:
+        pass
+    raise PreparationError(
+        f"-p {plans_name}: {prepared.dataset_name} is prepared with the plans {prepared.plans_name}, not "
+        f"{plans_name}. Run `nnfiltermatch prepare -d {prepared.dataset_name} {how} -c CONFIGURATION` first (models "
+        f"trained on {prepared.plans_name} keep their folders), or leave -p out to train on {prepared.plans_name}"
+    )
+
+
 @dataclass
 class PreparedDataset:
     """What ``prepare`` wrote, read back by the trainer and the CLI."""
@@ -143,6 +231,7 @@ class PreparedDataset:
     labeled_ids: list[str]
     unlabeled_ids: list[str]
     configurations: list[str]
+    planner: str = DEFAULT_PLANNER
 
     @property
     def labeled_fraction(self) -> float:
@@ -163,6 +252,7 @@ def load_prepared(dataset_name: str) -> PreparedDataset:
         labeled_ids=manifest["labeled_ids"],
         unlabeled_ids=manifest["unlabeled_ids"],
         configurations=sorted(manifest.get("configurations", {})),
+        planner=manifest.get("planner", DEFAULT_PLANNER),
     )
 
 
@@ -364,9 +454,15 @@ def _preprocess_unlabeled_case(
 
 
 def _fingerprint_and_plan(
-    inventory: DatasetInventory, dataset_name: str, plans_name: str, num_processes: int, staging: Path
+    inventory: DatasetInventory,
+    dataset_name: str,
+    plans_name: str,
+    num_processes: int,
+    staging: Path,
+    planner_name: str = DEFAULT_PLANNER,
 ) -> dict:
-    """nnU-Net's fingerprint extractor and planner, restricted to the labelled cases, writing under ``staging``.
+    """nnU-Net's fingerprint extractor and planner ``planner_name``, restricted to the labelled cases, writing under
+    ``staging``.
 
     nnU-Net writes into ``$nnUNet_preprocessed/<dataset>/``; pointing that variable at a staging folder for the
     duration keeps the current preparation untouched until the new one is complete (nnU-Net 2.8 reads its folder
@@ -374,7 +470,6 @@ def _fingerprint_and_plan(
     """
     from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
     labeled = _nnunet_case_dict(inventory.labeled)
     staged = staging / dataset_name
@@ -396,7 +491,7 @@ def _fingerprint_and_plan(
         with _workers_die_with_us(fingerprint_extractor):
             extractor.run(overwrite_existing=True)
 
-        planner = ExperimentPlanner(dataset_name, plans_name=plans_name)
+        planner = planner_class(planner_name)(dataset_name, plans_name=plans_name)
         planner.dataset = labeled  # same reason: plan from the labelled cases only
         planner.dataset_json["numTraining"] = len(labeled)
         plans = planner.plan_experiment()
@@ -421,11 +516,15 @@ def prepare(
     labeled_list: Path | None = None,
     labeled_fraction: float | None = None,
     seed: int = 0,
-    plans_name: str = DEFAULT_PLANS,
+    plans_name: str | None = None,
     num_processes: int = 2,
     allow_no_unlabeled: bool = False,
+    planner: str | None = None,
 ) -> PreparedDataset:
     """Validate, plan and preprocess; a second call with the same inputs does no work.
+
+    ``planner`` (``-pl``) and ``plans_name`` (``-p``) as nnU-Net takes them, resolved by :func:`resolve_planner`
+    (default ExperimentPlanner / nnUNetPlans); the ``_cpu`` configurations are added to whichever plans are written.
 
     Everything is written under temporary names and installed by renames once a configuration is complete, with the
     manifest last: a failure (a full disk included) leaves the previous preparation as it was. The whole run, from
@@ -440,6 +539,7 @@ def prepare(
             f"{raw_dir} does not exist: put the raw dataset there (imagesTr, labelsTr, dataset.json)"
         )
     out = preprocessed_root(dataset_name)
+    planner, plans_name = resolve_planner(planner, plans_name, out)
     # the lock creates ``out`` if needed and removes it again if a refused or failed first prepare leaves it empty
     with dataset_lock(out, f"prepare {dataset_name}"):
         return _prepare_locked(
@@ -453,6 +553,7 @@ def prepare(
             plans_name,
             num_processes,
             allow_no_unlabeled,
+            planner,
         )
 
 
@@ -467,6 +568,7 @@ def _prepare_locked(
     plans_name: str,
     num_processes: int,
     allow_no_unlabeled: bool,
+    planner: str = DEFAULT_PLANNER,
 ) -> PreparedDataset:
     from nnfiltermatch.inventory import read_labeled_list
 
@@ -489,16 +591,22 @@ def _prepare_locked(
     try:
         if manifest.get("inputs_digest") != digest:
             previous_added = list(manifest.get(ADDED_LABELS_KEY) or [])
-            if manifest:
+            if manifest and manifest.get("plans_name") != plans_name:
+                print(
+                    f"{dataset_name} was prepared with the plans {manifest.get('plans_name')}: planning {plans_name} "
+                    f"with {planner}; from now on train and query work on {plans_name} (the other plans' files stay)."
+                )
+            elif manifest:
                 print(
                     f"Inputs changed since the last prepare of {dataset_name} (labelled cases or files): re-planning."
                 )
             start = time.time()
-            plans = _fingerprint_and_plan(inventory, dataset_name, plans_name, num_processes, staging)
+            plans = _fingerprint_and_plan(inventory, dataset_name, plans_name, num_processes, staging, planner)
             staged = staging / dataset_name
             manifest = {
                 "inputs_digest": digest,
                 "plans_name": plans_name,
+                "planner": planner,
                 "labeled_ids": inventory.labeled_ids,
                 "unlabeled_ids": inventory.unlabeled_ids,
                 "labeled_list_source": str(labeled_list) if labeled_list else None,
@@ -514,6 +622,7 @@ def _prepare_locked(
             _copy_gt_segmentations(inventory, staged)
         else:
             plans = json.loads((out / f"{plans_name}.json").read_text())
+        manifest["planner"] = planner  # resolve_planner checked it against the plans file (older manifests lack it)
         manifest[FILE_RECORDS_KEY] = file_records  # new timestamps of unchanged files are learnt, not re-hashed
 
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

@@ -18,7 +18,14 @@ import torch
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig
 from nnfiltermatch.locks import LOCK_NAME, LockError, run_lock
-from nnfiltermatch.preparation import PreparationError, PreparedDataset, env_folder, load_prepared, preprocessed_root
+from nnfiltermatch.preparation import (
+    PreparationError,
+    PreparedDataset,
+    check_prepared_plans,
+    env_folder,
+    load_prepared,
+    preprocessed_root,
+)
 from nnfiltermatch.rounds import check_round_for_training, record_trained_model, trainer_folder_name
 
 
@@ -197,8 +204,11 @@ def train(
     num_processes: int = 1,
     backend: str | None = None,
     round_number: int | None = None,
+    plans_name: str | None = None,
 ) -> TrainResult:
     """Train one fold of one mode; refuses to clobber a finished or running model unless told to.
+
+    ``plans_name`` (``-p``): refused unless it is the plans the dataset is prepared with (None: those plans).
 
     ``round_number`` (``--round K``): train into annotation round K's folder (``output_folder_for``), after checking
     that the labelled set is round K's in rounds.json, and record the finished model there.
@@ -208,6 +218,7 @@ def train(
     ``num_processes`` > 1 spawns that many DDP processes (one per GPU on CUDA, gloo processes on CPU), as nnU-Net's
     ``-num_gpus`` does; a process started by torchrun joins torchrun's process group instead.
     """
+    check_prepared_plans(load_prepared(dataset_name), plans_name)
     if round_number is not None:
         if round_number < 0:
             raise PreparationError(f"--round {round_number}: give 0 or more")

@@ -424,7 +424,7 @@ def test_errors_name_the_problem(model: Model, tmp_path: Path, capsys: pytest.Ca
         run_query(model.model_dir, strategy="random", roi=True)
     (tmp_path / "a_file").write_text("x")
     assert main(["query", "-m", str(model.model_dir), "-n", "2", "--export", str(tmp_path / "a_file")]) == 2
-    assert "exists and is not a folder" in capsys.readouterr().err
+    assert "a_file is a file, not a folder" in capsys.readouterr().err  # refused before the model loads
     with pytest.raises(SystemExit):  # --add-labels excludes the budget options
         main(["prepare", "-d", "901", "--add-labels", str(tmp_path), "--labeled-fraction", "0.1"])
     assert "not allowed with argument" in capsys.readouterr().err

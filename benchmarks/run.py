@@ -264,8 +264,8 @@ def setup_acdc(shared: Path, work: Path, labeled_key: str, validation_cases: int
         work / "acdc", name, lambda root: convert_acdc_h5(shared / "acdc", 905, name="ACDCBench", raw_root=root)
     )
     labeled_list = raw / f"labeled_{labeled_key}.txt"
-    if not labeled_list.is_file():
-        sys.exit(f"--labeled for acdc: 3 or 7 (no {labeled_list})")
+    if labeled_key != "all" and not labeled_list.is_file():
+        sys.exit(f"--labeled for acdc: 3, 7 or all (no {labeled_list})")
     validation_images = validation_labels = None
     base = work / "acdc"
     if validation_cases:
@@ -287,10 +287,17 @@ def setup_acdc(shared: Path, work: Path, labeled_key: str, validation_cases: int
             source.__getitem__,
             json.loads((raw / "dataset.json").read_text()),
         )
-        shutil.copyfile(labeled_list, base / labeled_list.name)
+        if labeled_key != "all":
+            shutil.copyfile(labeled_list, base / labeled_list.name)
         labeled_list = base / labeled_list.name
         raw = split_raw
         validation_images, validation_labels = raw / "imagesVal", raw / "labelsVal"
+    if labeled_key == "all":  # the ceiling: every training volume labelled (validation volumes stay held out)
+        from nnfiltermatch.inventory import write_labeled_list
+
+        labeled_list = base / "labeled_all.txt"
+        training = sorted(p.name[: -len("_0000.nii.gz")] for p in (raw / "imagesTr").glob("*_0000.nii.gz"))
+        write_labeled_list(training, labeled_list, header=f"all {len(training)} training volumes")
     return Experiment(
         "acdc",
         name,

@@ -450,6 +450,9 @@ def _teacher_as_model(model: Path, state: dict, target: Path) -> Path | None:
     """
     import torch
 
+    from nnfiltermatch.inference import DIGEST_KEY, checkpoint_weight_sets, load_checkpoint_safely, weights_digests
+    from nnfiltermatch.trainer import STATE_KEY
+
     if state.get("teacher") is None:
         return None
     if target.exists():
@@ -457,8 +460,10 @@ def _teacher_as_model(model: Path, state: dict, target: Path) -> Path | None:
     (target / "fold_all").mkdir(parents=True)
     for name in ("plans.json", "dataset.json"):
         shutil.copy(model / name, target / name)
-    checkpoint = torch.load(model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint_safely(model / "fold_all" / "checkpoint_final.pth")
     checkpoint["network_weights"] = state["teacher"]
+    # the weights changed on purpose: store their checksum, or loading the copy would (rightly) refuse it
+    checkpoint["init_args"][STATE_KEY][DIGEST_KEY] = weights_digests(checkpoint_weight_sets(checkpoint))
     torch.save(checkpoint, target / "fold_all" / "checkpoint_final.pth")
     return target
 

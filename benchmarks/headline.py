@@ -35,17 +35,22 @@ def headline_row(result: dict, ceiling: dict | None) -> dict[str, Any]:
 
     runs = result["runs"]
     arms = sorted({r["mode"] for r in runs})
-    seeds = sorted(set.intersection(*({r["seed"] for r in runs if r["mode"] == arm} for arm in arms)))
-    dice = {arm: [_by_seed(runs, arm, lambda r: r["mean"]["dice"])[s] for s in seeds] for arm in arms}
+    arm_seeds = {arm: sorted({r["seed"] for r in runs if r["mode"] == arm}) for arm in arms}
+    # the paired comparison: the seeds both supervised and the default mode ran; other arms give their own seeds
+    paired = [a for a in ("supervised", DEFAULT_MODE) if a in arm_seeds] or arms
+    seeds = sorted(set.intersection(*(set(arm_seeds[a]) for a in paired)))
+    dice = {arm: [_by_seed(runs, arm, lambda r: r["mean"]["dice"])[s] for s in arm_seeds[arm]] for arm in arms}
     labels = sorted(runs[0]["per_class"], key=int)
     per_class = {
         arm: {
-            label: [_by_seed(runs, arm, lambda r, label=label: r["per_class"][label]["dice"])[s] for s in seeds]
+            label: [
+                _by_seed(runs, arm, lambda r, label=label: r["per_class"][label]["dice"])[s] for s in arm_seeds[arm]
+            ]
             for label in labels
         }
         for arm in arms
     }
-    hd95 = {arm: [_by_seed(runs, arm, lambda r: r["mean"]["hd95"])[s] for s in seeds] for arm in arms}
+    hd95 = {arm: [_by_seed(runs, arm, lambda r: r["mean"]["hd95"])[s] for s in arm_seeds[arm]] for arm in arms}
     row: dict[str, Any] = {
         "dataset": result["dataset"],
         "labeled": result["labeled"],
@@ -57,6 +62,7 @@ def headline_row(result: dict, ceiling: dict | None) -> dict[str, Any]:
         "n_labeled": len(result["labeled_ids"]),
         "n_unlabeled": result["n_unlabeled"],
         "commit": result.get("commit"),
+        "arm_seeds": arm_seeds,
         "dice": dice,
         "per_class_dice": per_class,
         "hd95": hd95,
@@ -70,17 +76,28 @@ def headline_row(result: dict, ceiling: dict | None) -> dict[str, Any]:
             for label in labels
         }
     if "supervised" in dice and DEFAULT_MODE in dice:
-        gains = [a - b for a, b in zip(dice[DEFAULT_MODE], dice["supervised"])]
+        ours, supervised = (
+            [_by_seed(runs, a, lambda r: r["mean"]["dice"])[s] for s in seeds] for a in (DEFAULT_MODE, "supervised")
+        )
+        gains = [a - b for a, b in zip(ours, supervised)]
         row["gain_per_seed"] = gains
-        row["paired_t_p"] = float(ttest_rel(dice[DEFAULT_MODE], dice["supervised"]).pvalue) if len(seeds) > 1 else None
+        row["paired_t_p"] = float(ttest_rel(ours, supervised).pvalue) if len(seeds) > 1 else None
         if "ceiling" in row["dice"]:
-            gap = statistics.fmean(row["dice"]["ceiling"]) - statistics.fmean(dice["supervised"])
+            gap = statistics.fmean(row["dice"]["ceiling"]) - statistics.fmean(supervised)
             row["gap_closed"] = statistics.fmean(gains) / gap if gap > 0 else None
     return row
 
 
-def _mean(values: list[float] | None) -> str:
-    return f"{100 * statistics.fmean(values):.1f}" if values else "-"
+def _mean(values: list[float] | None, seeds: list[int] | None = None, paired: list[int] | None = None) -> str:
+    """Mean Dice %; an arm run on other seeds than the paired comparison says which."""
+    if not values:
+        return "-"
+    text = f"{100 * statistics.fmean(values):.1f}"
+    return (
+        text
+        if seeds is None or seeds == paired
+        else f"{text} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})"
+    )
 
 
 def format_table(rows: list[dict]) -> str:
@@ -94,10 +111,16 @@ def format_table(rows: list[dict]) -> str:
         gains = ", ".join(f"{100 * g:+.1f}" for g in row.get("gain_per_seed", []))
         closed = row.get("gap_closed")
         p = row.get("paired_t_p")
+        seeds = row.get("arm_seeds", {})
+
+        def arm(name: str, row: dict = row, dice: dict = dice, seeds: dict = seeds) -> str:
+            return _mean(dice.get(name), seeds.get(name), row["seeds"])
+
+        ceiling_seeds = row.get("ceiling_seeds")
         lines.append(
             f"| {row['dataset']} {row['labeled']} ({row['n_labeled']} / {row['n_unlabeled']}) | {row['iterations']} | "
-            f"{_mean(dice.get('supervised'))} | {_mean(dice.get('selftrain'))} | {_mean(dice.get('ssl'))} | "
-            f"{_mean(dice.get('paper'))} | {_mean(dice.get(DEFAULT_MODE))} | {_mean(dice.get('ceiling'))} | {gains} | "
+            f"{arm('supervised')} | {arm('selftrain')} | {arm('ssl')} | {arm('paper')} | {arm(DEFAULT_MODE)} | "
+            f"{_mean(dice.get('ceiling'), ceiling_seeds, ceiling_seeds)} | {gains} | "
             f"{'-' if closed is None else f'{closed:.0%}'} | {', '.join(map(str, row['seeds']))} | "
             f"{'-' if p is None else f'{p:.3f}'} |"
         )

@@ -44,6 +44,9 @@ ALIASES = [
     (TRAIN, ["--continue"], ["--c"], "continue_training"),
     (TRAIN, ["--device", "cpu"], ["-device", "cpu"], "device"),
     (TRAIN, ["--num-gpus", "2"], ["-num_gpus", "2"], "num_processes"),
+    (TRAIN, ["--save-probabilities"], ["--npz"], "save_probabilities"),  # nnUNetv2_train's, as predict's
+    (TRAIN, ["--save-probabilities"], ["--save_probabilities"], "save_probabilities"),
+    (TRAIN, ["--val-best"], ["--val_best"], "val_best"),
     (PREDICT, ["--save-probabilities"], ["--npz"], "save_probabilities"),
     (PREDICT, ["--save-probabilities"], ["--save_probabilities"], "save_probabilities"),
     (PREDICT, ["--no-mirroring"], ["--disable_tta"], "mirroring"),
@@ -122,7 +125,8 @@ def test_every_parser_refuses_abbreviations() -> None:
     "argv",
     [
         [*TRAIN, "--val-iters", "5"],  # was --val-iters-per-epoch
-        [*TRAIN, "--val", "5"],
+        [*TRAIN, "--val", "5"],  # --val is a flag now (nnU-Net's validation only); it takes no value
+        [*TRAIN, "--val_b"],
         [*TRAIN, "--iters", "5"],
         [*TRAIN, "--epoch", "3"],
         [*TRAIN, "--cont"],
@@ -145,8 +149,6 @@ def test_prefixes_are_rejected_not_guessed(capsys: pytest.CaptureFixture[str], a
 @pytest.mark.parametrize(
     "argv",
     [
-        [*TRAIN, "--val"],  # nnU-Net: validation only; no equivalent here
-        [*TRAIN, "--npz"],  # nnU-Net: save the final validation's softmax; no equivalent here
         [*PREDICT, "-npp", "2"],  # nnU-Net's process counts; predict has none
         [*PREDICT, "-nps", "2"],
     ],
@@ -154,6 +156,38 @@ def test_prefixes_are_rejected_not_guessed(capsys: pytest.CaptureFixture[str], a
 )
 def test_nnunet_flags_without_an_equivalent_fail(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     assert "unrecognized arguments" in parse_error(capsys, *argv)
+
+
+def test_train_val_and_npz_are_nnunets() -> None:
+    """``--val``: validation only (not a prefix of --val-iters-per-epoch); ``--npz`` with it or with a training."""
+    args = parse(*TRAIN, "--val", "--npz")
+    assert (args.validation_only, args.save_probabilities, args.val_best) == (True, True, False)
+    assert args.val_iters_per_epoch is None
+    assert parse(*TRAIN, "--val", "--val_best").val_best
+    assert not parse(*TRAIN).validation_only and not parse(*TRAIN).save_probabilities
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--val", "--epochs", "3"], "--epochs"),
+        (["--val", "--continue"], "--continue"),
+        (["--val", "--overwrite"], "--overwrite"),
+        (["--val", "--preset", "paper"], "--preset paper"),
+        (["--val", "--num-gpus", "2"], "--num-gpus 2"),
+        (["--val", "--no-final-validation"], "--val"),
+        (["--npz", "--no-final-validation"], "--npz"),
+        (["--val_best", "--no-final-validation"], "--val_best"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_train_val_refuses_training_options(capsys: pytest.CaptureFixture[str], extra: list[str], named: str) -> None:
+    """Refused before the dataset is read (the -d here does not exist), naming the flag; exit status 2."""
+    from nnfiltermatch.cli import main
+
+    assert main([*TRAIN, *extra]) == 2
+    err = capsys.readouterr().err
+    assert named in err and ("--val only validates" in err or "--no-final-validation skips" in err), err
 
 
 def test_predict_continue_and_overwrite_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:

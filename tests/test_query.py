@@ -35,6 +35,7 @@ from nnfiltermatch.preparation import (
 )
 from nnfiltermatch.query import (
     EXPORT_FOLDERS,
+    LATEST_QUERY,
     SCORE_TYPES,
     SELECTION_CSV,
     STATE_KEY,
@@ -323,12 +324,17 @@ def test_cli_ranking_csv_order_limit_and_pngs(model: Model, capsys: pytest.Captu
     assert header == ranking_columns({1: "Anterior", 2: "Posterior"})
     assert header == [
         "rank", "case", "score", "Anterior_voxels", "Anterior_ml", "Posterior_voxels", "Posterior_ml", "source",
+        "reason",
     ]  # fmt: skip
     rows = _read_csv(out)
     assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4]  # -n 4 of 10
     scores = [float(r["score"]) for r in rows]
     assert scores == sorted(scores, reverse=True) and 0 < scores[-1] <= math.log(3)
     assert {r["source"] for r in rows} == {"computed"} and set(r["case"] for r in rows) <= set(model.cases)
+    assert all(r["reason"] == f"per-case mean = {float(r['score']):.4g} (computed)" for r in rows)
+    latest = json.loads((model.model_dir / LATEST_QUERY).read_text())  # where the report finds it
+    assert latest["ranking"] == str(out.resolve()) and latest["pngs"] == str(pngs.resolve())
+    assert (latest["strategy"], latest["n_ranked"], latest["n_listed"], latest["export"]) == ("entropy", 10, 4, None)
     for r in rows:  # the shipped subset has 1 mm voxels after preprocessing: mL = voxels / 1000
         assert float(r["Anterior_ml"]) == pytest.approx(int(r["Anterior_voxels"]) / 1000, abs=1e-4)
     written = sorted(p.name for p in pngs.glob("*.png"))

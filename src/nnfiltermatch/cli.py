@@ -183,7 +183,32 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--continue", "--c", dest="continue_training", action="store_true", help="resume from the last checkpoint"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a finished or interrupted run")
-    p.add_argument("--no-final-validation", action="store_true", help="skip nnU-Net's validation after training")
+    v = p.add_argument_group("nnU-Net's final validation (fold_X/validation/: segmentations and summary.json)")
+    v.add_argument("--no-final-validation", action="store_true", help="skip nnU-Net's validation after training")
+    v.add_argument(
+        "--npz",
+        "--save-probabilities",
+        "--save_probabilities",
+        dest="save_probabilities",
+        action="store_true",
+        help="the final validation also writes each case's softmax as .npz + .pkl, as nnUNetv2_train --npz does: "
+        "what nnUNetv2_find_best_configuration and nnUNetv2_ensemble read",
+    )
+    v.add_argument(
+        "--val",
+        dest="validation_only",
+        action="store_true",
+        help="train nothing: only run the final validation of the trained fold from checkpoint_final.pth, with "
+        "the configuration stored beside it (nnUNetv2_train --val), e.g. with --npz for a model trained without it",
+    )
+    v.add_argument(
+        "--val_best",
+        "--val-best",
+        dest="val_best",
+        action="store_true",
+        help="validate with checkpoint_best.pth instead of checkpoint_final.pth (after training, or with --val); it "
+        "writes the same validation/ folder, as nnU-Net's does",
+    )
     p.add_argument(
         "--round",
         dest="round_number",
@@ -491,7 +516,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nnfiltermatch.rounds import rounds_path
     from nnfiltermatch.training import parse_fold, train
 
+    _check_validation_options(args)  # before the dataset is looked up: a wrong combination is wrong anywhere
     dataset_name = dataset_name_from_id(args.dataset)
+    if args.validation_only:
+        return _validate_only(args, dataset_name)
     overrides = {name: getattr(args, name) for name in TRAIN_OPTION_NAMES}
     overrides["mode"] = args.mode
     overrides["labeled_fraction"] = load_prepared(dataset_name).labeled_fraction
@@ -510,9 +538,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         backend=args.backend,
         round_number=args.round_number,
         plans_name=args.plans,
+        save_probabilities=args.save_probabilities,
+        validation_checkpoint="best" if args.val_best else "final",
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(f"Model written to {result.output_folder}")
+        if not args.no_final_validation:
+            print(_validation_note(result.output_folder / "validation", args.save_probabilities))
         if args.round_number is not None:
             print(f"Recorded as round {args.round_number}'s model in {rounds_path(dataset_name)}")
         elif (rounds := _rounds_or_none(dataset_name)) and len(rounds["rounds"]) > 1:
@@ -521,6 +553,70 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"Note: {rounds_path(dataset_name)} records annotation rounds up to {last}; with --round {last} "
                 "each round keeps its own model folder and the report shows the rounds"
             )
+    return 0
+
+
+def _check_validation_options(args: argparse.Namespace) -> None:
+    """Combinations of the validation flags that cannot mean anything, refused before any work."""
+    from nnfiltermatch.preparation import PreparationError
+
+    if args.no_final_validation:
+        given = [f for f, on in (("--val", args.validation_only), ("--npz", args.save_probabilities)) if on]
+        if args.val_best:
+            given.append("--val_best")
+        if given:
+            raise PreparationError(f"--no-final-validation skips the validation that {', '.join(given)} asks for")
+    if not args.validation_only:
+        return
+    training = [f"--{name.replace('_', '-')}" for name in TRAIN_OPTION_NAMES if getattr(args, name) is not None]
+    training += [
+        flag
+        for flag, on in (
+            ("--continue", args.continue_training),
+            ("--overwrite", args.overwrite),
+            (f"--preset {args.preset}", args.preset != "default"),
+            (f"--num-gpus {args.num_processes}", args.num_processes != 1),
+            (f"--backend {args.backend}", args.backend is not None),
+        )
+        if on
+    ]
+    if training:
+        raise PreparationError(
+            f"--val only validates the trained model, with the configuration stored in its folder; leave out "
+            f"{', '.join(training)} (they change a training, and --val trains nothing)"
+        )
+
+
+def _validation_note(folder: Path, save_probabilities: bool) -> str:
+    """One line on what the final validation wrote: its mean foreground Dice, and the softmax files if any."""
+    import json
+
+    summary = folder / "summary.json"
+    try:
+        dice = float(json.loads(summary.read_text())["foreground_mean"]["Dice"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"Final validation: no {summary}"
+    cases = len(list(folder.glob("*.npz")))
+    softmax = f"; softmax of {cases} case(s) as .npz + .pkl" if save_probabilities else ""
+    return f"Final validation in {folder}: mean foreground Dice {dice:.4f} (nnU-Net's summary.json){softmax}"
+
+
+def _validate_only(args: argparse.Namespace, dataset_name: str) -> int:
+    """``train --val``: nnU-Net's final validation of a trained fold, nothing trained."""
+    from nnfiltermatch.training import parse_fold, validate_trained
+
+    folder = validate_trained(
+        dataset_name,
+        args.configuration,
+        parse_fold(args.fold),
+        args.mode,
+        args.device or _default_device(),
+        save_probabilities=args.save_probabilities,
+        checkpoint="best" if args.val_best else "final",
+        round_number=args.round_number,
+        plans_name=args.plans,
+    )
+    print(_validation_note(folder, args.save_probabilities))
     return 0
 
 
@@ -681,7 +777,13 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="auto: reuse the last filter round's scores when they are what this query computes (default)",
     )
-    p.add_argument("-o", "--output", type=Path, help="ranking CSV (default MODEL_DIR/query_ranking_<strategy>.csv)")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="ranking CSV (default MODEL_DIR/query_ranking_<strategy>.csv); MODEL_DIR/query_latest.json records where "
+        "it went and how it was made, for the report",
+    )
     p.add_argument("--png-dir", type=Path, help="folder for the top cases' PNGs (default beside the CSV)")
     p.add_argument(
         "--png-top", type=int, default=DEFAULT_PNG_TOP, help=f"PNGs for the N top cases (default {DEFAULT_PNG_TOP})"
@@ -745,6 +847,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         f"Ranked {result.total_cases} unlabelled case(s) by {how} in {result.seconds:.1f} s ({counts}); wrote "
         f"{result.csv_path}" + (f" and {len(result.pngs)} PNG(s) to {result.pngs[0].parent}" if result.pngs else "")
     )
+    if result.latest_error is not None:
+        print(f"Note: `nnfiltermatch report` will not show this ranking: {result.latest_error}", file=sys.stderr)
     if result.export_dir is not None:
         n = len(result.ranking)
         print(

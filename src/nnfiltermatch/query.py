@@ -75,6 +75,8 @@ DEFAULT_SEED = 0
 DEFAULT_MIN_FOREGROUND_ML = 0.1  # below this, a predicted "structure" is a few stray voxels, not something to draw
 DISPLAY_MAP = "entropy"  # the voxel map shown (and predicted) for strategies that rank without one
 SELECTION_CSV = "selection.csv"
+# in the model folder: where the latest query's ranking went and how it was made (the report shows it)
+LATEST_QUERY = "query_latest.json"
 EXPORT_README = "README.txt"
 EXPORT_FOLDERS = {"images": "images", "preannotations": "preannotations", "png": "png", "labels": "labelsTr"}
 
@@ -568,6 +570,7 @@ class QueryResult:
     seed: int = DEFAULT_SEED
     excluded: list[str] = field(default_factory=list)  # cases the strategy left out (foreground-random)
     export_dir: Path | None = None
+    latest_error: str | None = None  # why MODEL_DIR/query_latest.json could not be written (None: it was)
 
     @property
     def n_reused(self) -> int:
@@ -816,7 +819,7 @@ def run_query(
                 f"({len(excluded)} left out{': predicted foreground <= --min-foreground-ml' if excluded else ''})"
             )
         csv_path = Path(output) if output is not None else model.model_dir / f"query_ranking_{strategy}.csv"
-        write_ranking_csv(listed, model.labels, csv_path)
+        write_ranking_csv(listed, model.labels, csv_path, lambda row: chosen.explain(row, options))
         pngs: list[Path] = []
         if top:
             if staging is not None:
@@ -850,6 +853,27 @@ def run_query(
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    latest = {
+        "ranking": str(csv_path.resolve()),
+        "strategy": strategy,
+        "reduce": reduce,
+        "roi": roi,
+        "seed": seed,
+        "min_foreground_ml": min_foreground_ml,
+        "folds": [str(f) for f in model.folds],
+        "checkpoint": model.checkpoint_paths[0].name,
+        "n_ranked": len(ranking),
+        "n_listed": len(listed),
+        "n_excluded": len(excluded),
+        "pngs": str(pngs[0].parent.resolve()) if pngs else None,
+        "export": str(export_dir.resolve()) if export_dir is not None else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    latest_error = None
+    try:  # a read-only model folder must not fail a finished query: the ranking is written
+        atomic_write_bytes(model.model_dir / LATEST_QUERY, (json.dumps(latest, indent=2) + "\n").encode())
+    except OSError as exc:
+        latest_error = f"cannot write {model.model_dir / LATEST_QUERY}: {exc.strerror or exc}"
     return QueryResult(
         ranking=listed,
         total_cases=len(ranking),
@@ -862,6 +886,7 @@ def run_query(
         seed=seed,
         excluded=sorted(excluded),
         export_dir=export_dir,
+        latest_error=latest_error,
     )
 
 
@@ -876,11 +901,18 @@ def _column_name(name: str) -> str:
 
 def ranking_columns(labels: Mapping[int, str]) -> list[str]:
     volume = [f"{_column_name(labels[v])}_{unit}" for v in sorted(labels) for unit in ("voxels", "ml")]
-    return ["rank", "case", "score", *volume, "source"]
+    return ["rank", "case", "score", *volume, "source", "reason"]
 
 
-def write_ranking_csv(rows: Sequence[RankedCase], labels: Mapping[int, str], path: Path) -> Path:
-    """The ranking as CSV, written to a temporary file and renamed: readers never see half a ranking."""
+def write_ranking_csv(
+    rows: Sequence[RankedCase],
+    labels: Mapping[int, str],
+    path: Path,
+    explain: Callable[[RankedCase], str] | None = None,
+) -> Path:
+    """The ranking as CSV, written to a temporary file and renamed: readers never see half a ranking.
+
+    ``explain``: the words for why a case is where it is (the strategy's, as in the PNG and selection.csv)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(ranking_columns(labels))
@@ -891,7 +923,8 @@ def write_ranking_csv(rows: Sequence[RankedCase], labels: Mapping[int, str], pat
                 volumes += ["", ""]
             else:
                 volumes += [str(row.voxels[label]), f"{row.voxels[label] * row.voxel_ml:.4f}"]
-        writer.writerow([row.rank, row.case, repr(float(row.score)), *volumes, row.source])
+        reason = explain(row) if explain is not None else ""
+        writer.writerow([row.rank, row.case, repr(float(row.score)), *volumes, row.source, reason])
     return atomic_write_bytes(path, buffer.getvalue().encode())
 
 

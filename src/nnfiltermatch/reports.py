@@ -461,6 +461,223 @@ def annotation_rounds_section(fold_dir: Path, checkpoint: dict[str, Any]) -> str
     return f'<p class="note">{note}</p>' + _table(header, rows, numeric_from=5) + image
 
 
+# ----- the latest query ranking (query_latest.json, query_ranking_*.csv) ----------------------------------------
+QUERY_TOP = 10  # cases of the ranking shown; the CSV has them all
+
+
+def find_latest_query(model_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The latest query of this model: what ``query_latest.json`` records (where its CSV went, its settings), else
+    the newest ``query_ranking_<strategy>.csv`` in the model folder (a query of an older version). None: no query."""
+    from nnfiltermatch.query import LATEST_QUERY
+
+    pointer = model_dir / LATEST_QUERY
+    if pointer.is_file():
+        try:
+            info = json.loads(pointer.read_text())
+            return info, Path(str(info["ranking"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: fall back to the CSVs in the folder
+    found = sorted(model_dir.glob("query_ranking_*.csv"), key=lambda p: p.stat().st_mtime_ns)
+    if not found:
+        return None
+    return {"strategy": found[-1].stem.removeprefix("query_ranking_")}, found[-1]
+
+
+def query_ranking_section(fold_dir: Path, checkpoint_path: Path) -> str | None:
+    """The report's section on the latest query ranking: its top cases with score and reason, and where the full
+    ranking is. None when the model was never queried."""
+    import csv
+    import html
+
+    latest = find_latest_query(fold_dir.parent)
+    if latest is None:
+        return None
+    info, csv_path = latest
+    strategy = str(info.get("strategy") or "?")
+    if not csv_path.is_file():
+        return (
+            f"<p>The latest query ({html.escape(strategy)}, {html.escape(str(info.get('time', 'time unknown')))}) "
+            f"wrote its ranking to {html.escape(str(csv_path))}, which no longer exists. Run <code>nnfiltermatch "
+            "query</code> again to rank the unlabelled cases.</p>"
+        )
+    try:
+        with open(csv_path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        return f"<p>{html.escape(str(csv_path))}: cannot read the ranking ({html.escape(str(exc))}).</p>"
+    table = []
+    for row in rows[:QUERY_TOP]:
+        try:
+            score = f"{float(row.get('score') or 'nan'):.5g}"
+        except ValueError:
+            score = str(row.get("score"))
+        # a CSV of an older version has no reason column: say what the score is
+        reason = row.get("reason") or f"{strategy} score ({row.get('source') or 'source not recorded'})"
+        table.append([str(row.get("rank", "")), str(row.get("case", "")), score, reason])
+    how = strategy
+    if info.get("reduce") and strategy not in ("random", "foreground-random"):
+        how += f" ({info['reduce']}{', ROI' if info.get('roi') else ''})"
+    if strategy in ("random", "foreground-random") and info.get("seed") is not None:
+        how += f" (seed {info['seed']})"
+    ranked = info.get("n_ranked")
+    counts = f"{len(rows)} case(s) listed" + (f" of {ranked} ranked" if ranked is not None else "")
+    if info.get("n_excluded"):
+        counts += f", {info['n_excluded']} left out (predicted foreground <= {info.get('min_foreground_ml')} mL)"
+    model = ""
+    if info.get("checkpoint"):
+        model = f" with {info['checkpoint']} of fold(s) {', '.join(info.get('folds') or ['?'])}"
+    when = f" on {str(info['time']).replace('T', ' ')}" if info.get("time") else ""
+    parts = [
+        f"Latest query: {html.escape(how)}{html.escape(model)}{html.escape(when)}; {html.escape(counts)}. "
+        f"The full ranking: <code>{html.escape(str(csv_path))}</code>."
+    ]
+    if csv_path.stat().st_mtime < checkpoint_path.stat().st_mtime:
+        parts.append(
+            f"It is older than {html.escape(checkpoint_path.name)} (the training went on since): query again for "
+            "the current weights."
+        )
+    if info.get("pngs"):
+        parts.append(f"PNGs of the top cases: <code>{html.escape(str(info['pngs']))}</code>.")
+    if info.get("export"):
+        parts.append(f"Exported for annotation: <code>{html.escape(str(info['export']))}</code>.")
+    shown = f"the first {len(table)}" if len(rows) > len(table) else "every listed case"
+    parts.append(f"Shown: {shown}, first pick first.")
+    return f'<p class="note">{" ".join(parts)}</p>' + _table(["rank", "case", "score", "reason"], table, 4)
+
+
+# ----- nnU-Net's own final validation (fold_X/validation/summary.json) ------------------------------------------
+def _label_key(key: str) -> tuple[int, str]:
+    try:
+        return int(key), key
+    except ValueError:  # a region, e.g. "(1, 2)"
+        return 1 << 30, key
+
+
+def nnunet_validation_section(fold_dir: Path, labels: dict[int, str]) -> str | None:
+    """Mean Dice (and IoU) per class from nnU-Net's final validation, when ``validation/summary.json`` is there."""
+    import html
+
+    folder = fold_dir / "validation"
+    summary = folder / "summary.json"
+    if not summary.is_file():
+        return None
+    try:
+        data = json.loads(summary.read_text())
+        means = data["mean"]
+        foreground = data.get("foreground_mean") or {}
+        cases = len(data.get("metric_per_case") or [])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"<p>{html.escape(str(summary))}: not a summary of nnU-Net's validation ({html.escape(str(exc))}).</p>"
+
+    def number(value: Any) -> str:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return "n/a"
+        return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+    rows = []
+    for key in sorted(means, key=_label_key):
+        metrics = means[key] or {}
+        name = labels.get(_label_key(key)[0], f"class {key}")
+        rows.append([name, key, number(metrics.get("Dice")), number(metrics.get("IoU"))])
+    rows.append(["mean over foreground classes", "", number(foreground.get("Dice")), number(foreground.get("IoU"))])
+    softmax = len(list(folder.glob("*.npz")))
+    parts = [
+        f"{html.escape(str(summary))}: nnU-Net's final validation of this fold, {cases} case(s), with the "
+        "checkpoint it was run with (checkpoint_final.pth, or checkpoint_best.pth after <code>--val_best</code>; "
+        "nnU-Net does not record which)."
+    ]
+    if softmax:
+        parts.append(
+            f"Softmax of {softmax} case(s) saved (<code>--npz</code>): nnUNetv2_find_best_configuration and "
+            "nnUNetv2_ensemble can use this fold."
+        )
+    else:
+        parts.append("No softmax saved: <code>nnfiltermatch train ... --val --npz</code> writes it for ensembling.")
+    if fold_dir.name == "fold_all":
+        parts.append(
+            "With <code>-f all</code> the validation cases are training cases: these numbers are optimistic; "
+            "evaluate on held-out cases (<code>predict</code> + <code>evaluate</code>) for a real estimate."
+        )
+    return f'<p class="note">{" ".join(parts)}</p>' + _table(["class", "label", "Dice", "IoU"], rows, 2)
+
+
+# ----- the configuration table, defaults marked ------------------------------------------------------------------
+_NOT_DEFAULTS = {"extra", "labeled_fraction", "mode", "preset"}  # bookkeeping, and the choices defaults follow
+
+
+def _config_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """Each option's default for this run's mode and preset; options that scale with the schedule (warm-up, ramp,
+    filter epochs) at this run's ``--epochs``. Empty when the stored configuration cannot be resolved."""
+    from nnfiltermatch.config import resolve_config
+
+    given = {"mode": config.get("mode") or "filtermatch", "labeled_fraction": config.get("labeled_fraction")}
+    preset = str(config.get("preset") or "default")
+    try:
+        defaults = resolve_config(given, preset=preset).to_dict()
+        scaled = resolve_config({**given, "epochs": config.get("epochs")}, preset=preset).to_dict()
+    except (ValueError, TypeError):
+        return {}
+    for name in ("warmup_epochs", "rampup_epochs", "filter_epochs"):
+        defaults[name] = scaled[name]
+    return defaults
+
+
+def _unset_default(name: str, config: dict[str, Any]) -> tuple[Any, str]:
+    """The default of an option whose default is "unset" (None): what it came to in this run (None: nothing to
+    show) and how it is derived."""
+    epochs = config.get("epochs")
+    mode = config.get("mode") or "filtermatch"
+    if name == "batch_size":
+        return (config.get("extra") or {}).get("batch_size_used"), "the plan's batch size"
+    if name in ("filter_start", "filter_every"):
+        if mode != "filtermatch":
+            return None, f"no filter in mode {mode}"
+        if not isinstance(epochs, int):
+            return None, "epochs/3"
+        if name == "filter_start":
+            return max(1, round(epochs / 3)), "epochs/3"
+        return max(1, math.ceil(epochs / 3)), "ceil(epochs/3)"
+    if name == "warmup_epochs":
+        return None, "10% of epochs"
+    if name == "rampup_epochs":
+        return None, "20% of epochs"
+    return None, "unset"
+
+
+def _config_cell(name: str, value: Any, config: dict[str, Any], defaults: dict[str, Any], paper: dict) -> str:
+    """One value of the configuration table, with how it relates to its default."""
+    if name == "labeled_fraction":
+        return "not recorded" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+    if name in _NOT_DEFAULTS or name not in defaults:
+        return "not set" if value is None else _config_value(value) or '""'
+    text = _config_value(value) or '""'
+    default = defaults[name]
+    if value is None or default is None:  # a default derived from the run (the plan's batch size, the schedule)
+        came_to, how = _unset_default(name, config)
+        if value is None:
+            return f"{how} (default)" if came_to is None else f"{came_to} (default: {how})"
+        if name == "batch_size":  # the plan's value is not in the model folder once --batch-size replaced it
+            return f"{text} (set with --batch-size; default: {how})"
+        if came_to is not None and value == came_to:
+            return f"{text} (default: {how})"
+        return f"{text} (default: {how}{'' if came_to is None else f' = {came_to}'})"
+    if value == default:
+        return f"{text} (preset paper)" if name in paper else f"{text} (default)"
+    return f"{text} (default {_config_value(default)})"
+
+
+def config_rows(config: dict[str, Any]) -> list[list[str]]:
+    """The configuration table: every option with its value, ``(default)`` when it is the default of the run's mode
+    and preset, ``(preset paper)`` when it is the preset's, else ``(default X)``; never an empty cell."""
+    from nnfiltermatch.config import paper_values
+
+    defaults = _config_defaults(config)
+    paper = paper_values(config.get("labeled_fraction")) if config.get("preset") == "paper" else {}
+    return [[name, _config_cell(name, value, config, defaults, paper)] for name, value in sorted(config.items())]
+
+
 # ----- assembling the page ----------------------------------------------------------------------------------------
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1240px;
@@ -625,15 +842,23 @@ def build_report(
         )
     sections.append(("rounds", "Filter rounds", "".join(parts) if parts else "<p>No filter round in this run.</p>"))
 
-    config_rows = [[k, _config_value(v)] for k, v in sorted(config.items())]
+    source = config_file if config_file.is_file() else "from the checkpoint"
     sections.append(
         (
             "config",
             "Configuration",
-            (f'<p class="note">{html.escape(str(config_file if config_file.is_file() else "from the checkpoint"))}</p>')
-            + _table(["option", "value"], config_rows, numeric_from=2),
+            f'<p class="note">{html.escape(str(source))}: "(default)" marks a value the run got by default for its '
+            'mode and preset (options that scale with the schedule at its --epochs), "(default X)" one that was '
+            "set, with what the default would have been.</p>" + _table(["option", "value"], config_rows(config), 2),
         )
     )
+
+    validation = nnunet_validation_section(fold_dir, labels)
+    if validation is not None:
+        sections.append(("nnunet-validation", "nnU-Net's final validation", validation))
+    query = query_ranking_section(fold_dir, checkpoint_path)
+    if query is not None:
+        sections.append(("query", "Latest query ranking (which cases to annotate next)", query))
 
     if evaluation_data is not None:
         header, rows, note = evaluation_table(evaluation_data, labels)

@@ -42,6 +42,8 @@ class RunOptions:
     num_processes: int
     backend: str | None
     round_number: int | None = None  # annotation round (train --round): its own model folder, see rounds.py
+    save_probabilities: bool = False  # train --npz: the final validation also writes nnU-Net's softmax .npz/.pkl
+    validation_checkpoint: str = "final"  # train --val_best: validate with checkpoint_best.pth
 
 
 @dataclass
@@ -205,8 +207,14 @@ def train(
     backend: str | None = None,
     round_number: int | None = None,
     plans_name: str | None = None,
+    save_probabilities: bool = False,
+    validation_checkpoint: str = "final",
 ) -> TrainResult:
     """Train one fold of one mode; refuses to clobber a finished or running model unless told to.
+
+    The final validation (``final_validation``) is nnU-Net's ``perform_actual_validation``: ``save_probabilities``
+    (``--npz``) also writes each case's softmax, ``validation_checkpoint`` "best" (``--val_best``) validates with
+    checkpoint_best.pth, as ``nnUNetv2_train`` does.
 
     ``plans_name`` (``-p``): refused unless it is the plans the dataset is prepared with (None: those plans).
 
@@ -235,6 +243,8 @@ def train(
         num_processes,
         backend,
         round_number,
+        save_probabilities,
+        validation_checkpoint,
     )
     with distributed.leaving_group(owns_group):
         runner = _self_train if config.mode == "selftrain" else _train
@@ -253,6 +263,76 @@ def train(
             except (OSError, RuntimeError, ValueError) as exc:  # the model is there: say what is missing, do not fail
                 print(f"warning: round {round_number}'s model is not recorded in rounds.json: {exc}", file=sys.stderr)
         return result
+
+
+def _validation_checkpoint_file(out: Path, checkpoint: str, option: str) -> Path:
+    """The checkpoint a validation reads (``final``/``best``); refused, naming the file, when it is not there."""
+    from nnfiltermatch.inference import CHECKPOINTS
+
+    path = out / CHECKPOINTS[checkpoint]
+    if path.is_file():
+        return path
+    found = sorted(p.name for p in out.glob("checkpoint_*.pth")) if out.is_dir() else []
+    if not found:
+        state = f"{out} holds no checkpoint: this fold is not trained (train it first, without {option})"
+    elif checkpoint == "final":
+        state = (
+            f"the folder holds only {', '.join(found)}: the training did not finish (resume it with --continue), or "
+            "validate with checkpoint_best.pth (--val --val_best)"
+        )
+    else:
+        state = f"the folder holds {', '.join(found)}: no best checkpoint was saved; validate checkpoint_final (--val)"
+    raise PreparationError(f"{option}: {path} does not exist; {state}")
+
+
+def validate_trained(
+    dataset_name: str,
+    configuration: str,
+    fold: int | str,
+    mode: str,
+    device: str,
+    *,
+    save_probabilities: bool = False,
+    checkpoint: str = "final",
+    round_number: int | None = None,
+    plans_name: str | None = None,
+) -> Path:
+    """``train --val``: only nnU-Net's final validation of a trained fold, as ``nnUNetv2_train --val`` runs it.
+
+    From checkpoint_final.pth (``checkpoint`` "best": checkpoint_best.pth), with the configuration stored beside it,
+    into the fold's ``validation/`` (``save_probabilities``: also each case's softmax ``.npz`` + ``.pkl``, what
+    nnU-Net's ensembling and ``nnUNetv2_find_best_configuration`` read). One process; refused, naming the file, when
+    the checkpoint is not there. Returns the validation folder.
+    """
+    prepared = load_prepared(dataset_name)
+    check_prepared_plans(prepared, plans_name)
+    option = "--val --val_best" if checkpoint == "best" else "--val"
+    if distributed.launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise PreparationError(f"{option} runs in one process: start it without torchrun")
+    torch_device = configure_runtime(device)  # before nnU-Net's configuration module reads the variables
+    from nnfiltermatch.trainer import TRAINERS
+
+    out = output_folder_for(
+        dataset_name, TRAINERS[mode].__name__, prepared.plans_name, configuration, fold, round_number
+    )
+    path = _validation_checkpoint_file(out, checkpoint, option)
+    stored = out / CONFIG_FILENAME
+    if stored.is_file():
+        config = TrainConfig.from_dict(json.loads(stored.read_text()))
+    else:  # an older folder: the configuration rides in the checkpoint too
+        from nnfiltermatch.inference import STATE_KEY, load_checkpoint_safely
+
+        state = (load_checkpoint_safely(path).get("init_args") or {}).get(STATE_KEY) or {}
+        if not state.get("config"):
+            raise PreparationError(f"{option}: {path} was not written by nnfiltermatch (no configuration in it)")
+        config = TrainConfig.from_dict(state["config"])
+    with model_folder_lock([out], f"train {option}"):
+        seed_everything(config.seed)
+        make_repeatable(config.deterministic, torch_device)
+        trainer = build_trainer(dataset_name, configuration, fold, config, torch_device, False, out)
+        trainer.load_checkpoint(str(path))
+        trainer.perform_actual_validation(save_probabilities=save_probabilities)
+    return out / "validation"
 
 
 def selftrain_stages(config: TrainConfig) -> tuple[TrainConfig, TrainConfig]:
@@ -463,14 +543,19 @@ def _train_into(
                 run.backend,
                 run.continue_training,
                 out,
-                run.final_validation,
+                _validation_of(run),
             ),
         )
         return result
     _run_trainer(
-        dataset_name, configuration, fold, config, run.torch_device, run.continue_training, out, run.final_validation
+        dataset_name, configuration, fold, config, run.torch_device, run.continue_training, out, _validation_of(run)
     )
     return result
+
+
+def _validation_of(run: RunOptions) -> tuple[bool, str] | None:
+    """The final validation a run ends with: None (``--no-final-validation``) or (softmax saved, checkpoint)."""
+    return (run.save_probabilities, run.validation_checkpoint) if run.final_validation else None
 
 
 def _spawned_worker(
@@ -482,13 +567,13 @@ def _spawned_worker(
     backend: str | None,
     continue_training: bool,
     out: Path,
-    final_validation: bool,
+    validation: tuple[bool, str] | None,
 ) -> None:
     """One process of a ``--num-gpus N`` run: the parent checked and cleared the folder; join the group and train."""
     torch_device = configure_runtime(device)
     owns_group = distributed.init_from_env(device, backend)
     with distributed.leaving_group(owns_group):
-        _run_trainer(dataset_name, configuration, fold, config, torch_device, continue_training, out, final_validation)
+        _run_trainer(dataset_name, configuration, fold, config, torch_device, continue_training, out, validation)
 
 
 def _run_trainer(
@@ -499,7 +584,7 @@ def _run_trainer(
     torch_device: torch.device,
     continue_training: bool,
     out: Path,
-    final_validation: bool,
+    validation: tuple[bool, str] | None,
 ) -> None:
     # a different seed per DDP rank, so ranks draw different batches (nnU-Net's loaders sample at random; DDP
     # broadcasts rank 0's initial weights, so the model does not depend on it); rank 0 keeps the single-process seed
@@ -516,5 +601,8 @@ def _run_trainer(
             print(f"--continue: resuming from {checkpoint}")
             trainer.load_checkpoint(str(checkpoint))
     trainer.run_training()
-    if final_validation:
-        trainer.perform_actual_validation(save_probabilities=False)
+    if validation is not None:
+        save_probabilities, checkpoint = validation
+        if checkpoint != "final":  # after training the weights are checkpoint_final's
+            trainer.load_checkpoint(str(_validation_checkpoint_file(out, checkpoint, "--val_best")))
+        trainer.perform_actual_validation(save_probabilities=save_probabilities)

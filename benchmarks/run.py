@@ -468,6 +468,42 @@ def _teacher_as_model(model: Path, state: dict, target: Path) -> Path | None:
     return target
 
 
+def _schedule(profile: Profile, prepared: Any, seed: int) -> dict[str, Any]:
+    """The training settings every arm of a profile shares, for one seed."""
+    return {
+        "seed": seed,
+        "epochs": profile.epochs,
+        "iters_per_epoch": profile.iters_per_epoch,
+        "val_iters_per_epoch": profile.val_iters_per_epoch,
+        "save_every": 10,
+        "labeled_fraction": prepared.labeled_fraction,
+        **profile.extra,
+    }
+
+
+def _settings_differ(kept: dict, config: Any) -> list[str]:
+    """The training settings in which a finished run differs from ``config`` (a setting added since that run had
+    its default value then)."""
+    from nnfiltermatch.config import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    return sorted(k for k, v in config.to_dict().items() if kept["config"].get(k, defaults.get(k, v)) != v)
+
+
+def _other_finished_runs(out: Path, profile: Profile, prepared: Any, split: str, taken: set) -> list[dict]:
+    """Finished runs of this schedule in ``out`` for arms or seeds not asked for this time (e.g. an arm run on
+    fewer seeds), so that results.json holds every run of the schedule; each says its own seed."""
+    found = []
+    for done in sorted((out / "runs").glob("*/run.json")):
+        kept = json.loads(done.read_text())
+        arm = next((a for a in MODES if done.parent.name == f"{a}_seed{kept['seed']}"), None)
+        if arm is None or (arm, kept["seed"]) in taken or kept.get("split", "test") != split:
+            continue
+        if not _settings_differ(kept, arm_config(arm, _schedule(profile, prepared, kept["seed"]), profile)):
+            found.append({**kept, "mode": arm})
+    return found
+
+
 def run_experiment(
     exp: Experiment,
     profile: Profile,
@@ -478,7 +514,6 @@ def run_experiment(
     split: str = "test",
 ) -> dict:
     """Train every mode and seed, evaluate on ``split`` (``test`` also evaluates the validation cases, if any)."""
-    from nnfiltermatch.config import TrainConfig
     from nnfiltermatch.inference import load_checkpoint_safely
     from nnfiltermatch.trainer import STATE_KEY, TRAINERS
     from nnfiltermatch.training import TrainResult, finished_with, output_folder_for, train
@@ -490,22 +525,10 @@ def run_experiment(
         for mode in modes:
             run_dir = out / "runs" / f"{mode}_seed{seed}"
             done = run_dir / "run.json"
-            overrides = {
-                "seed": seed,
-                "epochs": profile.epochs,
-                "iters_per_epoch": profile.iters_per_epoch,
-                "val_iters_per_epoch": profile.val_iters_per_epoch,
-                "save_every": 10,
-                "labeled_fraction": prepared.labeled_fraction,
-                **profile.extra,
-            }
-            config = arm_config(mode, overrides, profile)
+            config = arm_config(mode, _schedule(profile, prepared, seed), profile)
             if done.is_file():  # resumable benchmark: finished runs are kept, if they ran this schedule
                 kept = json.loads(done.read_text())
-                defaults = TrainConfig().to_dict()  # a setting added since that run had its default value then
-                differs = sorted(
-                    k for k, v in config.to_dict().items() if kept["config"].get(k, defaults.get(k, v)) != v
-                )
+                differs = _settings_differ(kept, config)
                 if differs:
                     sys.exit(
                         f"{done} was trained with other settings ({', '.join(differs)}): pass another --results "
@@ -590,6 +613,7 @@ def run_experiment(
             }
             atomic_write_text(done, json.dumps(record, indent=2, default=float))
             runs.append(record)
+    runs += _other_finished_runs(out, profile, prepared, split, {(r["mode"], r["seed"]) for r in runs})
     return {
         "configuration": configuration,
         "labeled_ids": prepared.labeled_ids,
@@ -653,6 +677,14 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _seeds_of(runs: list[dict], modes: list[str]) -> str:
+    """``0, 1, 2``, or ``0, 1 (selftrain: 0)`` where an arm ran on other seeds than the rest."""
+    by_mode = {m: sorted(r["seed"] for r in runs if r["mode"] == m) for m in modes}
+    common = max(by_mode.values(), key=len, default=[])
+    others = [f"{m}: {', '.join(map(str, seeds))}" for m, seeds in by_mode.items() if seeds != common]
+    return ", ".join(map(str, common)) + (f" ({'; '.join(others)})" if others else "")
+
+
 def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tuple[dict, str]:
     from scipy.stats import ttest_rel
 
@@ -693,7 +725,7 @@ def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tu
         f"{result['n_unlabeled']} unlabelled), profile `{profile.name}`",
         "",
         f"`{result['configuration']}`, {profile.epochs} epochs x {profile.iters_per_epoch} iterations, seeds "
-        f"{', '.join(map(str, profile.seeds))}; {split}: {n_cases} cases of {_shown(split_labels)}; metrics in voxels, "
+        f"{_seeds_of(runs, modes)}; {split}: {n_cases} cases of {_shown(split_labels)}; metrics in voxels, "
         "mean ± std over seeds of the per-volume mean"
         + (
             f"; iterations per epoch fitted to a {profile.train_budget_seconds:.0f} s training budget from the "

@@ -31,6 +31,16 @@ import numpy as np
 from tqdm import tqdm
 
 from nnfiltermatch.files import atomic_write_text, disk_full_reason, format_size
+from nnfiltermatch.install_journal import (
+    ASIDE,
+    INSTALL,
+    JOURNAL_NAME,
+    JournalError,
+    Move,
+    has_journal,
+    install,
+    recover,
+)
 from nnfiltermatch.inventory import Case, DatasetInventory, build_inventory, sample_labeled_ids, write_labeled_list
 from nnfiltermatch.locks import LOCK_NAME, LockError, run_lock
 
@@ -42,6 +52,10 @@ FILE_RECORDS_KEY = "file_records"  # size, mtime and SHA-256 per input file: onl
 STAGING_NAME = ".add_labels.partial"
 PREPARE_STAGING_NAME = ".prepare.staging"  # new plans, fingerprint, lists until installed
 PREPARE_TRASH_NAME = ".prepare.replaced"  # what an install replaced, until the manifest is in
+UNRECOVERABLE_SUFFIX = ".unrecoverable"  # the manifest of an install that can be neither completed nor undone
+FINGERPRINT_NAME = "dataset_fingerprint.json"
+FINGERPRINT_KEY = "fingerprint_sha256"  # manifest: the fingerprint it was planned with
+RECOVERY_WAIT_SECONDS = 10.0  # a reader waits this long for a running prepare to finish its renames
 PARTIAL_SUFFIX = ".partial"  # preprocessed data being written
 CPU_SUFFIX = "_cpu"
 DEFAULT_PLANS = "nnUNetPlans"
@@ -79,6 +93,60 @@ def dataset_lock(out: Path, what: str) -> Iterator[None]:
         except LockError as exc:
             raise PreparationError(str(exc)) from exc
         yield
+
+
+def recover_interrupted_install(dataset_name: str) -> None:
+    """Finish an install that a killed prepare left half done, before anything reads the dataset as installed.
+
+    For the readers (train, anything calling ``load_prepared``); prepare and add-labels do it themselves under the
+    lock they hold. A journal lives for milliseconds in a running prepare, so while another run holds the lock and
+    the journal is still there, wait briefly for it to go, then refuse, naming the holder.
+    """
+    out = preprocessed_root(dataset_name)
+    if not has_journal(out):
+        return
+    deadline = time.monotonic() + RECOVERY_WAIT_SECONDS
+    while True:
+        try:
+            with run_lock(out / LOCK_NAME, f"finish the interrupted install of {dataset_name}"):
+                _recover_install(out)
+            return
+        except LockError as exc:
+            if not has_journal(out):
+                return  # the run holding the lock finished it
+            if time.monotonic() > deadline:
+                raise PreparationError(
+                    f"{out / JOURNAL_NAME}: the install of {dataset_name} is unfinished and cannot be finished now "
+                    f"({exc})"
+                ) from exc
+            time.sleep(0.2)
+
+
+def _recover_install(out: Path) -> None:
+    """Complete (or, when its new files are gone, undo) an interrupted install of ``out``, saying so on stderr.
+
+    The caller holds the dataset's lock. One that can be neither (files removed by hand) is made harmless: its
+    manifest is renamed, so no command takes the half install for a preparation and the next prepare starts afresh.
+    """
+    try:
+        done = recover(out)
+    except JournalError as exc:
+        manifest = out / MANIFEST_NAME
+        kept = manifest.with_name(manifest.name + UNRECOVERABLE_SUFFIX)
+        if manifest.is_file():
+            os.replace(manifest, kept)
+        (out / JOURNAL_NAME).unlink(missing_ok=True)
+        _note(
+            f"{exc}. Its manifest was renamed to {kept.name}, so that nothing uses the half install: the next prepare "
+            f"plans and preprocesses {out.name} afresh"
+        )
+        return
+    if done is not None:
+        _note(done.describe(out))
+
+
+def _note(message: str) -> None:
+    print(f"nnfiltermatch: note: {message}", file=sys.stderr, flush=True)
 
 
 def env_folder(name: str) -> Path:
@@ -240,6 +308,8 @@ class PreparedDataset:
 
 
 def load_prepared(dataset_name: str) -> PreparedDataset:
+    """The installed preparation, as its manifest describes it; an interrupted install is finished first."""
+    recover_interrupted_install(dataset_name)
     manifest_file = preprocessed_root(dataset_name) / MANIFEST_NAME
     if not manifest_file.is_file():
         raise PreparationError(
@@ -527,7 +597,8 @@ def prepare(
     (default ExperimentPlanner / nnUNetPlans); the ``_cpu`` configurations are added to whichever plans are written.
 
     Everything is written under temporary names and installed by renames once a configuration is complete, with the
-    manifest last: a failure (a full disk included) leaves the previous preparation as it was. The whole run, from
+    manifest last: a failure (a full disk included) leaves the previous preparation as it was, and a kill during the
+    renames leaves their journal, with which the next run completes the install first. The whole run, from
     reading the manifest to writing it, holds the dataset's lock, so a concurrent prepare or add-labels is refused.
     """
     if labeled_list is not None and labeled_fraction is not None:
@@ -572,6 +643,7 @@ def _prepare_locked(
 ) -> PreparedDataset:
     from nnfiltermatch.inventory import read_labeled_list
 
+    _recover_install(out)  # before the manifest is read: it must describe what is installed
     manifest_file = out / MANIFEST_NAME
     manifest: dict[str, Any] = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
     labeled_ids: list[str] | None = None
@@ -588,10 +660,17 @@ def _prepare_locked(
     staged: Path | None = None  # planning output waiting to be installed with the first configuration
     step = "planning"
     installed: list[str] = []
+    mismatch = _install_problems(out, manifest, plans_name) if manifest.get("inputs_digest") == digest else []
     try:
-        if manifest.get("inputs_digest") != digest:
+        if manifest.get("inputs_digest") != digest or mismatch:
             previous_added = list(manifest.get(ADDED_LABELS_KEY) or [])
-            if manifest and manifest.get("plans_name") != plans_name:
+            if mismatch:
+                print(
+                    f"The files installed in {out} do not match its manifest ({'; '.join(mismatch)}): an install was "
+                    "interrupted (by a version without an install journal?) or files were changed by hand. "
+                    "Re-planning."
+                )
+            elif manifest and manifest.get("plans_name") != plans_name:
                 print(
                     f"{dataset_name} was prepared with the plans {manifest.get('plans_name')}: planning {plans_name} "
                     f"with {planner}; from now on train and query work on {plans_name} (the other plans' files stay)."
@@ -614,6 +693,7 @@ def _prepare_locked(
                 "seed": seed,
                 "configurations": {},
                 "planning_seconds": round(time.time() - start, 2),
+                FINGERPRINT_KEY: _sha256(staging / dataset_name / FINGERPRINT_NAME),
             }
             if manifest_added := [e for e in previous_added if set(e.get("cases", [])) & set(inventory.labeled_ids)]:
                 manifest[ADDED_LABELS_KEY] = manifest_added  # kept, so a later prepare with the list keeps them too
@@ -634,7 +714,8 @@ def _prepare_locked(
                 raise PreparationError(f"-c {configuration}: not in the plans ({', '.join(plans['configurations'])})")
             data_identifier = plans_manager.get_configuration(configuration).data_identifier
             done = {v["data_identifier"] for v in manifest["configurations"].values()}
-            if data_identifier in done and (out / data_identifier).is_dir():
+            unlabeled_in = unlabeled_folder(dataset_name, data_identifier)
+            if data_identifier in done and (out / data_identifier).is_dir() and unlabeled_in.is_dir():
                 print(f"{configuration}: {data_identifier} already preprocessed with these inputs, nothing to do.")
                 manifest["configurations"].setdefault(
                     configuration, {"data_identifier": data_identifier, "seconds": 0.0}
@@ -650,19 +731,18 @@ def _prepare_locked(
                 "seconds": round(time.time() - start, 2),
             }
             step = f"installing {configuration}"
-            _install(out, manifest, staged, folders)
+            _install(out, manifest, staged, folders, f"prepare {dataset_name}, installing {configuration}")
             staged = None
             installed.append(configuration)
         step = "writing the manifest"
         if staged is not None:  # no configuration to preprocess: install the new plans alone
-            _install(out, manifest, staged, [])
+            _install(out, manifest, staged, [], f"prepare {dataset_name}, installing the plans {plans_name}")
             staged = None
         else:
             atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
     except BaseException as exc:
         full = None if isinstance(exc, PreparationError) else disk_full_reason(exc, out)
         written, cases_written = _partial_usage(out)
-        shutil.rmtree(staging, ignore_errors=True)
         _remove_leftovers(out)
         if full is None:
             raise
@@ -686,8 +766,49 @@ def _prepare_locked(
             "so both must fit. Or set nnUNet_preprocessed to a folder on a larger disk. Then run prepare again."
         ) from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not has_journal(out):  # else the journal's next run needs the staged files
+            shutil.rmtree(staging, ignore_errors=True)
     return load_prepared(dataset_name)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _install_problems(out: Path, manifest: dict[str, Any], plans_name: str) -> list[str]:
+    """How the installed plans, fingerprint, lists and ground truth differ from what ``manifest`` describes.
+
+    A journalled install never leaves such a mix, but a version without the journal did (a kill in the middle of
+    its renames left the old manifest over new plans and fingerprint, and no labelled list), and it must not count
+    as prepared. Cheap: two small files read, one folder listed.
+    """
+    from nnfiltermatch.inventory import read_labeled_list
+
+    problems = [f"{name} is missing" for name in (f"{plans_name}.json", "dataset.json") if not (out / name).is_file()]
+    labeled = list(manifest.get("labeled_ids") or [])
+    fingerprint = out / FINGERPRINT_NAME
+    if not fingerprint.is_file():
+        problems.append(f"{FINGERPRINT_NAME} is missing")
+    elif manifest.get(FINGERPRINT_KEY) and _sha256(fingerprint) != manifest[FINGERPRINT_KEY]:
+        problems.append(f"{FINGERPRINT_NAME} is not the one planned with")
+    listed_file = out / LABELED_LIST_NAME
+    try:
+        listed = read_labeled_list(listed_file) if listed_file.is_file() else None
+    except Exception:  # any unreadable list is a mismatch, reported as such
+        listed = None
+    if listed is None:
+        problems.append(f"{LABELED_LIST_NAME} is missing or unreadable")
+    elif sorted(listed) != sorted(labeled):
+        problems.append(f"{LABELED_LIST_NAME} lists {len(listed)} cases, not the manifest's {len(labeled)}")
+    gt = out / "gt_segmentations"
+    if (out / "dataset.json").is_file() and gt.is_dir():
+        ending = json.loads((out / "dataset.json").read_text()).get("file_ending", ".nii.gz")
+        found = sorted(p.name[: -len(ending)] for p in gt.iterdir() if p.name.endswith(ending))
+        if found != sorted(labeled):
+            problems.append(f"gt_segmentations holds {len(found)} cases, not the manifest's {len(labeled)} labelled")
+    elif not gt.is_dir():
+        problems.append("gt_segmentations is missing")
+    return problems
 
 
 def _partial_usage(out: Path) -> tuple[int, int]:
@@ -780,48 +901,51 @@ def _preprocess_configuration(
     return folders
 
 
-def _install(out: Path, manifest: dict[str, Any], staged: Path | None, folders: list[tuple[Path, Path]]) -> None:
-    """Put a finished preparation in place by renames only, the manifest last; undo them all if one fails.
+def _install(
+    out: Path, manifest: dict[str, Any], staged: Path | None, folders: list[tuple[Path, Path]], what: str = "prepare"
+) -> None:
+    """Put a finished preparation in place by renames only, the manifest last, journalled (:mod:`install_journal`).
 
     The new manifest is written first under a temporary name (the one write that needs disk space), so a full disk
-    stops before anything is moved. Replaced files and folders wait in a trash folder until the manifest is in.
+    stops before anything is moved. Each installed file or folder that is replaced is first set aside into a trash
+    folder, deleted once the manifest is in. An exception during the renames undoes them; a kill leaves the journal,
+    with which the next run (prepare, add-labels, train) completes the install before it reads anything.
     """
     trash = out / PREPARE_TRASH_NAME
-    if trash.exists():
+    if trash.exists():  # left by a failed run (never by an unfinished journal: it was recovered at the start)
         shutil.rmtree(trash)
     trash.mkdir()
     new_manifest = out / f".{MANIFEST_NAME}.new"
     atomic_write_text(new_manifest, json.dumps(manifest, indent=2))
-    moves: list[tuple[Path, Path]] = []
+    moves: list[Move] = []
+
+    def rel(path: Path) -> str:
+        return path.relative_to(out).as_posix()
+
     if staged is not None:
         splits = out / "splits_final.json"  # the old split names cases that may no longer be labelled
         if splits.exists():
-            moves.append((splits, trash / splits.name))
+            moves.append(Move(ASIDE, rel(splits), rel(trash / splits.name)))
         for child in sorted(staged.iterdir()):
             if (out / child.name).exists():
-                moves.append((out / child.name, trash / child.name))
-            moves.append((child, out / child.name))
+                moves.append(Move(ASIDE, child.name, rel(trash / child.name)))
+            moves.append(Move(INSTALL, rel(child), child.name))
     for i, (final, partial) in enumerate(folders):
         if final.exists():
-            moves.append((final, trash / f"{i}_{final.name}"))
-        moves.append((partial, final))
-    moves.append((new_manifest, out / MANIFEST_NAME))
-    done: list[tuple[Path, Path]] = []
-    try:
-        for source, target in moves:
-            os.replace(source, target)
-            done.append((source, target))
-    except BaseException:
-        for source, target in reversed(done):
-            os.replace(target, source)
-        raise
-    finally:
-        new_manifest.unlink(missing_ok=True)
-    shutil.rmtree(trash, ignore_errors=True)
+            moves.append(Move(ASIDE, rel(final), rel(trash / f"{i}_{final.name}")))
+        moves.append(Move(INSTALL, rel(partial), rel(final)))
+    moves.append(Move(INSTALL, rel(new_manifest), MANIFEST_NAME))
+    delete = [PREPARE_TRASH_NAME] + ([rel(staged.parent)] if staged is not None else [])
+    install(out, moves, delete, what)
 
 
 def _remove_leftovers(out: Path) -> None:
-    """Temporary folders of an interrupted or failed prepare (never read by training: they have their own names)."""
+    """Temporary folders of an interrupted or failed prepare (never read by training: they have their own names).
+
+    Not while an install journal is unfinished: its next run needs them (to complete it or to undo it).
+    """
+    if has_journal(out):
+        return
     for folder in (out / PREPARE_STAGING_NAME, out / PREPARE_TRASH_NAME):
         shutil.rmtree(folder, ignore_errors=True)
     (out / f".{MANIFEST_NAME}.new").unlink(missing_ok=True)
@@ -904,6 +1028,7 @@ def add_labels(
         _require_manifest(out / MANIFEST_NAME, dataset_name)
     query, _ = read_query_export(Path(labels_dir), query_export)
     with dataset_lock(out, f"prepare {dataset_name} --add-labels {labels_dir}"):
+        _recover_install(out)
         before = json.loads((out / MANIFEST_NAME).read_text())["labeled_ids"] if (out / MANIFEST_NAME).is_file() else []
         added = _add_labels_locked(dataset_name, out, Path(labels_dir), configurations)
         try:

@@ -315,7 +315,12 @@ def load_query_model(
 ) -> QueryModel:
     """Load the predictor (no mirroring) and find the dataset's preprocessed unlabelled folder."""
     from nnfiltermatch.inference import checkpoint_files, load_checkpoint_safely, load_predictor, read_model_folder
-    from nnfiltermatch.preparation import MANIFEST_NAME, preprocessed_root, unlabeled_folder
+    from nnfiltermatch.preparation import (
+        MANIFEST_NAME,
+        preprocessed_root,
+        recover_interrupted_install,
+        unlabeled_folder,
+    )
 
     model_dir = Path(model_dir)
     plans, dataset_json = read_model_folder(model_dir)
@@ -334,6 +339,7 @@ def load_query_model(
         raise QueryError(f"{model_dir} is a cascade stage: use a full-resolution or 2d model")
     dataset_name = str(plans.get("dataset_name") or model_dir.parent.name)
     data_identifier = configuration_manager.data_identifier
+    recover_interrupted_install(dataset_name)  # the manifest and unlabelled folder below must be one install's
     manifest = preprocessed_root(dataset_name) / MANIFEST_NAME
     if manifest.is_file():
         plans_name = json.loads(manifest.read_text()).get("plans_name")

@@ -15,7 +15,15 @@ from nnfiltermatch.config import TrainConfig, resolve_config
 def test_invalid_options_are_listed_together() -> None:
     with pytest.raises(ValueError) as info:
         resolve_config(
-            {"epochs": 0, "tau": 1.5, "lr": 0.0, "filter_drop": 1.0, "teacher": "teacherless", "copy_paste_p": 2.0}
+            {
+                "epochs": 0,
+                "tau": 1.5,
+                "lr": 0.0,
+                "filter_drop": 1.0,
+                "teacher": "teacherless",
+                "copy_paste_p": 2.0,
+                "seed": -1,
+            }
         )
     message = str(info.value)
     for expected in (
@@ -25,6 +33,7 @@ def test_invalid_options_are_listed_together() -> None:
         "--filter-drop must be in [0, 1), got 1.0",
         "--teacher 'teacherless': choose one of",
         "--copy-paste-p is a probability in [0, 1], got 2.0",
+        "--seed must be >= 0, got -1",
     ):
         assert expected in message
 

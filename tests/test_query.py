@@ -383,15 +383,38 @@ def test_roi_restricts_the_score_to_the_predicted_foreground(model: Model, tmp_p
     assert "--roi" in roi.decision.reason
 
 
+# The filter round a third epoch would begin with: the trainer's own round on the finished model's weights.
+# (A run extended with `train --continue --epochs 3` is refused: it would not be the run it continues.)
+ROUND_ON_FINAL_WEIGHTS = """
+import json, sys
+from pathlib import Path
+from nnfiltermatch.config import CONFIG_FILENAME, TrainConfig
+from nnfiltermatch.training import build_trainer, configure_runtime
+out = Path(sys.argv[1])
+config = TrainConfig.from_dict(json.loads((out / CONFIG_FILENAME).read_text()))
+trainer = build_trainer(sys.argv[2], sys.argv[3], "all", config, configure_runtime("cpu"), output_folder=out)
+trainer.load_checkpoint(str(out / "checkpoint_final.pth"))
+trainer.run_filter_round()
+"""
+
+
 def test_filter_scores_are_reused_when_the_model_is_unchanged(model: Model, capsys: pytest.CaptureFixture) -> None:
-    """Resuming the finished run for one more epoch runs a filter round (epoch 2) on the final weights of epoch 2.
+    """The filter round at the start of a third epoch scores the final weights of epoch 2.
 
     Copied into a copy of the model folder, that round holds exactly what a query of the checkpoint computes.
     """
     continued = model.root / "continued"
     shutil.copytree(model.root / "results", continued)
-    run_cli_subprocess([*TRAIN_ARGS, "--continue", "--epochs", "3"], {"nnUNet_results": str(continued)})
-    round_file = continued / DATASET / TRAINER_DIR / "fold_all" / "filter_rounds" / "epoch_0002.json"
+    fold = continued / DATASET / TRAINER_DIR / "fold_all"
+    done = subprocess.run(
+        [sys.executable, "-c", ROUND_ON_FINAL_WEIGHTS, str(fold), DATASET, CONFIG],
+        env={**os.environ, **nnunet_env(model.root), "nnUNet_results": str(continued)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    round_file = fold / "filter_rounds" / "epoch_0002.json"
     record = json.loads(round_file.read_text())
     frozen = model.root / "frozen" / TRAINER_DIR
     shutil.copytree(model.model_dir, frozen)
@@ -651,8 +674,9 @@ def test_add_labels_moves_cases_without_replanning(prepared: Path, tmp_path: Pat
         assert (pre / "nnUNetPlans.json").stat().st_mtime_ns == plans_mtime
 
 
-def test_continue_after_add_labels_drops_them_from_the_pool(prepared: Path, tmp_path: Path) -> None:
-    """Query, annotate, add labels, `train --continue`: the run goes on without the now-labelled cases in its pool."""
+def test_continue_after_add_labels_is_refused(prepared: Path, tmp_path: Path) -> None:
+    """Query, annotate, add labels, `train --continue`: refused, naming the case added, before anything trains (the
+    epochs already trained learnt from the old labelled set, so no continuation is the run it continues)."""
     root = tmp_path / "tree"
     root.mkdir()
     env = nnunet_env(root)
@@ -672,15 +696,25 @@ def test_continue_after_add_labels_drops_them_from_the_pool(prepared: Path, tmp_
             "0",
         ]
         run_cli_subprocess([*train, *short, "--epochs", "1", "--no-final-validation"], env)
+        out = root / "results" / DATASET / f"nnFilterMatchTrainer_ssl__nnUNetPlans__{CONFIG}" / "fold_all"
+        final = (out / "checkpoint_final.pth").read_bytes()
         annotations = tmp_path / "annotated"
         annotations.mkdir()
         shutil.copy(SUBSET / "labelsTr" / f"{cases[0]}.nii.gz", annotations)
         assert main(["prepare", "-d", "901", "--add-labels", str(annotations)]) == 0
 
-        run_cli_subprocess([*train, "--continue", "--epochs", "2", "--no-final-validation"], env)
-        out = root / "results" / DATASET / f"nnFilterMatchTrainer_ssl__nnUNetPlans__{CONFIG}" / "fold_all"
-        checkpoint = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-        assert checkpoint["current_epoch"] == 2
-        assert checkpoint["init_args"][STATE_KEY]["pool"] == sorted(cases[1:])
-        log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
-        assert f"no longer unlabelled (labelled with prepare --add-labels, or removed): {cases[0]}" in log
+        refused = subprocess.run(
+            [sys.executable, "-m", "nnfiltermatch.cli", *train, "--continue", "--no-final-validation"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.startswith(f"nnfiltermatch train: error: --continue resumes the run in {out} ")
+        assert f"the labelled cases of the prepared dataset: 5 now, 4 when the run started (added {cases[0]})" in (
+            refused.stderr
+        )
+        assert "`train --round K` trains round K into its own folder" in refused.stderr
+        assert (out / "checkpoint_final.pth").read_bytes() == final
+        assert len(list(out.glob("training_log_*.txt"))) == 1  # no trainer was even built

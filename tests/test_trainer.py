@@ -486,6 +486,20 @@ def test_selftrain_trains_on_the_supervised_models_pseudo_labels(
     other = resolve_config({**SHORT, "mode": "selftrain", "seed": 11, "lr": 5e-3})
     with pytest.raises(PreparationError, match="pass --overwrite to replace it"):
         train(DATASET, CONFIG, "all", other, "cpu", final_validation=False)
+    # --continue once the labelled cases changed (prepare --add-labels): refused at stage 1, naming the case
+    import dataclasses
+
+    import nnfiltermatch.training
+
+    real = nnfiltermatch.training.load_prepared(DATASET)
+    moved = real.unlabeled_ids[0]
+    changed = dataclasses.replace(
+        real, labeled_ids=sorted([*real.labeled_ids, moved]), unlabeled_ids=real.unlabeled_ids[1:]
+    )
+    monkeypatch.setattr(nnfiltermatch.training, "load_prepared", lambda name: changed)
+    with pytest.raises(PreparationError, match=f"5 now, 4 when the run started \\(added {moved}\\)") as refused:
+        train(DATASET, CONFIG, "all", config, "cpu", continue_training=True, final_validation=False)
+    assert f"--continue resumes the run in {result.supervised_stage} " in str(refused.value)
 
 
 def test_pseudo_labelled_stream_carries_its_fixed_labels(prepared: Path, tmp_path: Path) -> None:

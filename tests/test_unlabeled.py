@@ -45,3 +45,19 @@ def test_stream_repeats_for_a_seed_whatever_the_process_draws() -> None:
         b.append(next(second))
     assert a == b
     assert [next(OwnRandomStream(_draws(), seed=12)) for _ in range(1)] != a[:1]
+
+
+def test_reseeded_stream_starts_again_as_a_fresh_one() -> None:
+    """What the trainer does at each epoch start: a stream reseeded mid-way draws what a new one with that seed
+    draws, so a resumed run's stream is the uninterrupted run's."""
+    fresh = OwnRandomStream(_draws(), seed=21)
+    expected = [next(fresh) for _ in range(3)]
+    used = OwnRandomStream(_draws(), seed=11)
+    for _ in range(5):
+        next(used)
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    before = _global_draws()
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    used.reseed(21)
+    assert _global_draws() == before  # reseeding leaves the process's generators alone
+    assert [next(used) for _ in range(3)] == expected

@@ -33,7 +33,8 @@ class TrainConfig:
     mode: str = "filtermatch"
     preset: str = "default"
     seed: int = 0
-    # augmentation in the training process and deterministic cuDNN: the seed then repeats a run bit for bit on CPU
+    # augmentation in the training process and deterministic cuDNN: the seed then repeats a run bit for bit on CPU,
+    # and a run killed and resumed with --continue equals the uninterrupted one (every stream is seeded per epoch)
     deterministic: bool = False
     # schedule and optimiser (None: nnU-Net's own value, or the plan's for the batch size)
     epochs: int = 100
@@ -99,6 +100,8 @@ class TrainConfig:
             problems.append(f"--score {self.score!r}: choose one of {', '.join(SCORES)}")
         if self.unsup_loss not in UNSUP_LOSSES:
             problems.append(f"--unsup-loss {self.unsup_loss!r}: choose one of {', '.join(UNSUP_LOSSES)}")
+        if self.seed < 0:  # the per-epoch seeds are derived by NumPy's SeedSequence, which takes no negatives
+            problems.append(f"--seed must be >= 0, got {self.seed}")
         for name in ("epochs", "iters_per_epoch"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

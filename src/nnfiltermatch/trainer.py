@@ -2,6 +2,7 @@
 
 Only the hooks that must change are overridden: ``initialize`` (teacher, unlabelled loss), ``get_dataloaders``
 (the unlabelled stream), ``train_step`` (weak view -> pseudo-labels -> strong view -> one forward pass),
+``on_epoch_start`` (every random stream seeded from seed and epoch, so ``--continue`` is the uninterrupted run),
 ``on_train_epoch_start`` (the filter), epoch-end logging, and checkpoint save/load (pool, rounds, teacher, a
 digest of the weights). Non-finite weights never reach a checkpoint: a save refuses them, and a run whose loss stays
 non-finite stops, naming the last good checkpoint.
@@ -14,6 +15,7 @@ import copy
 import json
 import math
 import os
+import random
 import time
 import warnings
 from collections.abc import Iterator
@@ -51,6 +53,7 @@ from nnfiltermatch.preparation import PreparationError
 from nnfiltermatch.pseudo_labels import ema_update, every_class_segmented, pseudo_labels_for_scales, ramp_weight
 from nnfiltermatch.uncertainty import reduce_case_score, select_cases_to_drop, voxel_entropy
 from nnfiltermatch.unlabeled import (
+    OwnRandomStream,
     UnlabeledDataset,
     make_unlabeled_loader,
     pseudo_labelled_ids,
@@ -68,6 +71,14 @@ PSEUDO_LABEL_DIRNAME = "pseudo_labels"
 MAX_NON_FINITE_STEPS = 5
 # the order in which `train --continue` looks for a checkpoint to resume from
 RESUME_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+# the random streams of a training epoch, each seeded at the start of every epoch (nnFilterMatchTrainer.seed_epoch)
+RANDOM_STREAMS = ("augmentation", "unlabelled", "views")
+
+
+def epoch_seed(seed: int, epoch: int, rank: int, stream: str) -> int:
+    """The seed of one random stream in one epoch on one DDP rank: 32 bits mixed by NumPy's ``SeedSequence``, so
+    no two (seed, epoch, rank, stream) share a sequence, as sums like seed + epoch would."""
+    return int(np.random.SeedSequence([seed, epoch, rank, RANDOM_STREAMS.index(stream)]).generate_state(1)[0])
 
 
 class NonFiniteTrainingError(PreparationError):
@@ -262,36 +273,68 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             self.label_manager,
             transforms,
             pin_memory=self.device.type == "cuda",
-            seed=self.fm.seed * 1_000_003 + 104_729 + self.current_epoch + 7_919 * self.local_rank,
+            seed=epoch_seed(self.fm.seed, self.current_epoch, self.local_rank, "unlabelled"),
             pseudo_label_folder=pseudo_label_folder,
         )
 
     def on_train_start(self) -> None:
         super().on_train_start()
+        started = {
+            "trainer": type(self).__name__,
+            "fold": self.fold,
+            "configuration": self.configuration_name,
+            "batch_size_used": self.batch_size,
+            "patch_size": list(self.configuration_manager.patch_size),
+            "unlabeled_pool_start": len(self.pool or []),
+            "augmentation_processes": get_allowed_n_proc_DA(),
+        }
+        if self.current_epoch > 0:  # resumed: the file keeps describing the run as it started (its pool, ...)
+            before = self.fm.extra.get("augmentation_processes", started["augmentation_processes"])
+            if before != started["augmentation_processes"]:
+                self.print_to_log_file(
+                    f"note: this run started with nnUNet_n_proc_DA={before} and resumes with "
+                    f"{started['augmentation_processes']}: its epochs from here draw other batches than the "
+                    "uninterrupted run would (only augmentation in the training process, 0, repeats a run)"
+                )
+            self.fm.extra = {**started, **self.fm.extra}
+        else:
+            self.fm.extra = {**self.fm.extra, **started}
         if self.local_rank == 0:
-            config = copy.deepcopy(self.fm)
-            config.extra = {
-                **config.extra,
-                "trainer": type(self).__name__,
-                "fold": self.fold,
-                "configuration": self.configuration_name,
-                "batch_size_used": self.batch_size,
-                "patch_size": list(self.configuration_manager.patch_size),
-                "unlabeled_pool_start": len(self.pool or []),
-                "augmentation_processes": get_allowed_n_proc_DA(),
-            }
-            config.write(Path(self.output_folder) / CONFIG_FILENAME)
+            self.fm.write(Path(self.output_folder) / CONFIG_FILENAME)
 
     # ----- the semi-supervised step -------------------------------------------------------------------------
     def semi_supervised_now(self) -> bool:
         return self.ssl_start_epoch is not None and self.current_epoch >= self.ssl_start_epoch
 
+    def on_epoch_start(self) -> None:
+        super().on_epoch_start()
+        self.seed_epoch()
+
+    def seed_epoch(self) -> None:
+        """Seed every random stream of this epoch from (seed, epoch, rank) alone, first thing in the epoch.
+
+        Why: what an epoch draws then depends on the seed, the epoch and the state a checkpoint holds (weights,
+        optimiser, teacher, pool, logs), never on what the process drew before it: nnU-Net's first batches in
+        ``get_dataloaders``, or the epochs a resumed run did not run. So ``--continue`` from any checkpoint replays
+        the epochs after it as the uninterrupted run drew them. The streams: Python's, NumPy's and torch's global
+        generators (nnU-Net's labelled and validation loaders and their augmentation, in this process), the
+        unlabelled stream's own state, and the strong-view generator; per rank, so DDP ranks draw different data.
+        nnU-Net's worker processes (``nnUNet_n_proc_DA`` > 0) seed themselves from the operating system: nothing
+        repeats them, resumed or not.
+        """
+        seed, epoch, rank = self.fm.seed, self.current_epoch, self.local_rank
+        augmentation = epoch_seed(seed, epoch, rank, "augmentation")
+        random.seed(augmentation)
+        np.random.seed(augmentation)
+        torch.manual_seed(augmentation)
+        if isinstance(self.dataloader_unlabeled, OwnRandomStream):
+            self.dataloader_unlabeled.reseed(epoch_seed(seed, epoch, rank, "unlabelled"))
+        self._view_rng.manual_seed(epoch_seed(seed, epoch, rank, "views"))
+
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self._epoch_stats = []
         self._unlabeled_drawn = []
-        # per rank, so DDP ranks draw different strong views (rank 0, and a single process, are unchanged)
-        self._view_rng.manual_seed(self.fm.seed * 1_000_003 + self.current_epoch + 7_919 * self.local_rank)
         self.start_semi_supervision_if_due()
         due = self.current_epoch in self.fm.filter_epochs
         if due and not any(r["epoch"] == self.current_epoch for r in self.filter_rounds):
@@ -631,10 +674,11 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         return None
 
     def _pool_still_unlabeled(self, pool: list[str] | None) -> list[str] | None:
-        """The saved pool minus cases that left the unlabelled folder since (``prepare --add-labels``).
+        """The saved pool minus cases that left the unlabelled folder since (``prepare --add-labels``, or removed).
 
-        Why: after annotating queried cases the user continues the run; those cases now train as labelled ones
-        (nnU-Net reads them from its folder) and their unlabelled copies are gone, so drawing them would fail.
+        Why: drawing them would fail. ``train --continue`` refuses a changed labelled set before it gets here, but a
+        checkpoint loaded after ``--add-labels`` for validation (``train --val``), or one resumed after unlabelled
+        images were removed and the dataset prepared again, still comes here.
         """
         if pool is None:
             return None
@@ -643,7 +687,8 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         if gone:
             self.print_to_log_file(
                 f"{len(gone)} case(s) of the saved unlabelled pool are no longer unlabelled (labelled with prepare "
-                f"--add-labels, or removed): {', '.join(gone)}. The pool continues without them."
+                f"--add-labels, or removed): {', '.join(gone)}. The pool continues without them, so a resumed run "
+                "no longer draws what the uninterrupted one would."
             )
         return [case for case in pool if case in available]
 

@@ -221,8 +221,11 @@ def train(
     ``round_number`` (``--round K``): train into annotation round K's folder (``output_folder_for``), after checking
     that the labelled set is round K's in rounds.json, and record the finished model there.
 
-    With ``continue_training`` the configuration stored beside the checkpoint is used, so the resumed run filters
-    on the same schedule; only ``epochs`` may be changed (to extend a run), other explicit options are refused.
+    With ``continue_training`` the run resumes exactly as it would have gone on uninterrupted (on CPU with
+    augmentation in this process, bit for bit): with the configuration stored beside the checkpoint, the labelled
+    cases it started with, and every random stream seeded per epoch (``nnFilterMatchTrainer.seed_epoch``). An
+    explicit option that differs from the stored one (``--epochs`` and ``--seed`` included) and a changed labelled
+    set are refused before any training, see :func:`check_continue`.
     ``num_processes`` > 1 spawns that many DDP processes (one per GPU on CUDA, gloo processes on CPU), as nnU-Net's
     ``-num_gpus`` does; a process started by torchrun joins torchrun's process group instead.
     """
@@ -348,18 +351,76 @@ def selftrain_stages(config: TrainConfig) -> tuple[TrainConfig, TrainConfig]:
     return supervised, stage2
 
 
+# config.extra key: the labelled case IDs a run started with (the dataset's, as prepare left them)
+LABELED_IDS_KEY = "labeled_ids"
+
+
+def record_labelled_cases(config: TrainConfig, prepared: PreparedDataset) -> None:
+    """Note in ``config`` the labelled cases this run trains on, so ``--continue`` can tell when they changed."""
+    config.extra = {**config.extra, LABELED_IDS_KEY: sorted(prepared.labeled_ids)}
+
+
 def finished_with(out: Path, config: TrainConfig) -> bool:
-    """A finished run in ``out`` trained with exactly ``config`` (bookkeeping aside): with a deterministic
-    configuration it is the model that training again would give, so it can be reused."""
+    """A finished run in ``out`` trained with exactly ``config`` and the same labelled cases (bookkeeping aside):
+    with a deterministic configuration it is the model that training again would give, so it can be reused."""
     stored = out / CONFIG_FILENAME
     if not (out / "checkpoint_final.pth").is_file() or not stored.is_file():
         return False
+    theirs_config = TrainConfig.from_dict(json.loads(stored.read_text()))
+    theirs_cases, ours_cases = theirs_config.extra.get(LABELED_IDS_KEY), config.extra.get(LABELED_IDS_KEY)
+    if theirs_cases is not None and ours_cases is not None and sorted(theirs_cases) != sorted(ours_cases):
+        return False
     ignore = {"extra", "labeled_fraction"}
-    theirs = {
-        k: v for k, v in TrainConfig.from_dict(json.loads(stored.read_text())).to_dict().items() if k not in ignore
-    }
+    theirs = {k: v for k, v in theirs_config.to_dict().items() if k not in ignore}
     ours = {k: v for k, v in config.to_dict().items() if k not in ignore}
     return theirs == ours
+
+
+def _listed_cases(cases: list[str], limit: int = 5) -> str:
+    more = f" and {len(cases) - limit} more" if len(cases) > limit else ""
+    return ", ".join(cases[:limit]) + more
+
+
+def check_continue(stored: TrainConfig, config: TrainConfig, explicit_options: frozenset[str], where: Path) -> None:
+    """Refuse a ``--continue`` that cannot be the run it continues, naming each option with both values.
+
+    ``stored``: the configuration in ``where`` (the run's); ``config``: this command's, with its labelled cases.
+    Why each is refused rather than applied: ``--epochs`` set the learning-rate schedule (nnU-Net's polynomial decay
+    to 0 at the last epoch), the warm-up, the ramp and the filter rounds of the epochs already trained, so no run
+    of the new length trains them so; ``--seed`` drew every batch of them; a changed labelled set (``prepare`` with
+    another list re-plans and replaces the model folder's plans.json; ``--add-labels`` moves cases) trained none of
+    them. Any other option changes the method half-way.
+    """
+    options = []
+    for name in sorted(explicit_options):
+        theirs, ours = getattr(stored, name), getattr(config, name)
+        if ours == theirs:
+            continue
+        why = {
+            "epochs": ": the learning-rate schedule, warm-up, ramp and filter rounds of the epochs already trained "
+            "follow from it",
+            "seed": ": the epochs already trained drew their batches and views from it",
+        }.get(name, "")
+        options.append(f"--{name.replace('_', '-')} {ours} (stored {theirs}){why}")
+    problems = list(options)
+    before, now = stored.extra.get(LABELED_IDS_KEY), config.extra.get(LABELED_IDS_KEY)
+    if before is not None and now is not None and sorted(before) != sorted(now):
+        added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+        change = [f"added {_listed_cases(added)}"] if added else []
+        change += [f"no longer labelled {_listed_cases(removed)}"] if removed else []
+        problems.append(
+            f"the labelled cases of the prepared dataset: {len(now)} now, {len(before)} when the run started "
+            f"({'; '.join(change)}): the epochs already trained learnt from the old set"
+        )
+    if problems:
+        leave = "Leave these options out (or give the stored values) to resume it. " if options else ""
+        raise PreparationError(
+            f"--continue resumes the run in {where.parent} as it would have gone on uninterrupted, with the "
+            f"configuration stored in {where} and the labelled cases it started with; it cannot honour:\n  "
+            + "\n  ".join(problems)
+            + f"\n{leave}To train with other values or labelled cases, start a new run: --overwrite replaces this "
+            "one; after `prepare --add-labels`, `train --round K` trains round K into its own folder."
+        )
 
 
 def _self_train(
@@ -375,6 +436,7 @@ def _self_train(
     supervised, stage2 = selftrain_stages(config)
     prepared = load_prepared(dataset_name)
     _require_unlabeled(prepared, config, dataset_name)  # before stage 1, not after it
+    record_labelled_cases(supervised, prepared)  # finished_with reuses stage 1 only if trained on these cases
     if supervised.labeled_fraction is None:
         supervised.labeled_fraction = prepared.labeled_fraction
     sup_out = output_folder_for(
@@ -398,6 +460,12 @@ def _self_train_locked(
     sup_out: Path,
 ) -> TrainResult:
     reused = finished_with(sup_out, supervised)
+    stored = sup_out / CONFIG_FILENAME
+    if not reused and run.continue_training and (sup_out / "checkpoint_final.pth").is_file() and stored.is_file():
+        # --continue: the finished stage 1 is this run's, with the options it stored (those left out included),
+        # unless the labelled cases or an option given differ: then refused, as a --continue of it would be
+        check_continue(TrainConfig.from_dict(json.loads(stored.read_text())), supervised, run.explicit_options, stored)
+        reused = True
     if not reused and (sup_out / "checkpoint_final.pth").is_file() and not (run.overwrite or run.continue_training):
         raise PreparationError(
             f"selftrain: its stage 1 is the supervised run with the same options, but {sup_out} holds a supervised "
@@ -405,7 +473,7 @@ def _self_train_locked(
             "that run's options"
         )
     if reused:
-        print(f"selftrain: stage 1 is the finished supervised run in {sup_out} (same options)")
+        print(f"selftrain: stage 1 is the finished supervised run in {sup_out} (same options and labelled cases)")
     else:
         print(f"selftrain: stage 1, the supervised run, into {sup_out}")
         resume = run.continue_training and (sup_out / "checkpoint_latest.pth").is_file()
@@ -476,6 +544,7 @@ def _train(
         )
     if config.labeled_fraction is None:
         config.labeled_fraction = prepared.labeled_fraction
+    record_labelled_cases(config, prepared)
     trainer_class = TRAINERS[config.mode]
     out = output_folder_for(
         dataset_name, trainer_class.__name__, prepared.plans_name, configuration, fold, run.round_number
@@ -513,20 +582,10 @@ def _train_into(
     stored_config = out / CONFIG_FILENAME
     if run.continue_training and stored_config.is_file():
         stored = TrainConfig.from_dict(json.loads(stored_config.read_text()))
-        changed = sorted(
-            name for name in run.explicit_options - {"epochs", "seed"} if getattr(config, name) != getattr(stored, name)
-        )
-        if changed:
-            raise PreparationError(
-                f"--continue resumes with the configuration stored in {stored_config}; these options differ from "
-                "it: "
-                + ", ".join(
-                    f"--{n.replace('_', '-')} {getattr(config, n)} (stored {getattr(stored, n)})" for n in changed
-                )
-                + ". Only --epochs may change, to extend the run."
-            )
-        stored.epochs = config.epochs if "epochs" in run.explicit_options else stored.epochs
+        check_continue(stored, config, run.explicit_options, stored_config)  # before anything trains or is written
         stored.validate()
+        # a run from before the labelled cases were recorded: from now on they are
+        stored.extra.setdefault(LABELED_IDS_KEY, config.extra.get(LABELED_IDS_KEY))
         config = stored
 
     result = TrainResult(output_folder=out, final_checkpoint=out / "checkpoint_final.pth")

@@ -113,6 +113,10 @@ class OwnRandomStream(Iterator):
 
     def __init__(self, loader: Any, seed: int):
         self.loader = loader
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Start the stream's random state afresh from ``seed`` (the trainer does so each epoch, for resumes)."""
         outside = _capture_random_state()
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -144,7 +148,8 @@ def make_unlabeled_loader(
 ) -> NonDetMultiThreadedAugmenter | OwnRandomStream:
     """A fresh loader over exactly ``identifiers``: rebuilt after each filter round so its workers see the new pool.
 
-    ``seed`` seeds the single-process stream (``nnUNet_n_proc_DA=0``); nnU-Net's worker processes seed themselves.
+    ``seed`` seeds the single-process stream (``nnUNet_n_proc_DA=0``; ``OwnRandomStream.reseed`` restarts it);
+    nnU-Net's worker processes seed themselves from the operating system, so they repeat nothing.
     With ``pseudo_label_folder`` the batches carry those fixed pseudo-labels as their targets.
     """
     if not identifiers:

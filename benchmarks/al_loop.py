@@ -50,7 +50,6 @@ class Loop:
     """One loop protocol: the data, the budget steps and the training schedule of every round."""
 
     name: str
-    dataset_id: int
     configuration: str
     start: int
     add: int
@@ -62,14 +61,12 @@ class Loop:
 
 
 def quick_loop() -> Loop:
-    return Loop(
-        "quick", 909, "3d_fullres_cpu", start=4, add=2, rounds=1, epochs=2, iters_per_epoch=5, val_iters_per_epoch=2
-    )
+    return Loop("quick", "3d_fullres_cpu", start=4, add=2, rounds=1, epochs=2, iters_per_epoch=5, val_iters_per_epoch=2)
 
 
 def profile_loop(profile: Profile, start: int, add: int, rounds: int) -> Loop:
     return Loop(
-        profile.name, 907, profile.configuration_3d, start, add, rounds, profile.epochs, profile.iters_per_epoch,
+        profile.name, profile.configuration_3d, start, add, rounds, profile.epochs, profile.iters_per_epoch,
         profile.val_iters_per_epoch,
     )  # fmt: skip
 
@@ -82,9 +79,15 @@ class Data:
     test_images: Path
     test_labels: Path
 
+    @property
+    def dataset_id(self) -> str:
+        """``DatasetXXX_Name`` -> ``XXX``: the ID the commands take (907 with cpu-long's validation carve-out)."""
+        return str(int(self.dataset_name[len("Dataset") : len("Dataset") + 3]))
+
 
 def setup_data(args: argparse.Namespace, loop: Loop) -> Data:
-    """Hippocampus with run.py's split (dataset 907), or for ``--quick`` the shipped subset's 40 / 20 cases (909)."""
+    """Hippocampus with run.py's split (907; 904 for a profile without validation cases), or for ``--quick`` the
+    shipped subset's 40 / 20 cases (909)."""
     work = args.work.resolve() / "al_loop"
     if loop.name == "quick":
         src = REPO / "data" / "Dataset901_HippocampusSubset"
@@ -139,14 +142,14 @@ class Arm:
         return max((int(r["round"]) for r in json.loads(record.read_text())["rounds"]), default=0)
 
     def model_args(self, round_number: int) -> list[str]:
-        return ["-d", str(self.loop.dataset_id), "-c", self.loop.configuration, "-f", "all", "--mode", "supervised",
+        return ["-d", self.data.dataset_id, "-c", self.loop.configuration, "-f", "all", "--mode", "supervised",
                 "--round", str(round_number)]  # fmt: skip
 
     def prepare(self, labelled: list[str]) -> None:
         listing = self.root / "labelled_start.txt"
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(listing, "\n".join(labelled) + "\n")
-        self.command("prepare", "-d", str(self.loop.dataset_id), "-c", self.loop.configuration,
+        self.command("prepare", "-d", self.data.dataset_id, "-c", self.loop.configuration,
                      "--labeled-list", str(listing), "-np", "1")  # fmt: skip
 
     def train(self, round_number: int) -> float:
@@ -172,7 +175,7 @@ class Arm:
                 self.data.raw_root / self.data.dataset_name / "labelsTr" / f"{case}.nii.gz",
                 export / "labelsTr" / f"{case}.nii.gz",
             )
-        self.command("prepare", "-d", str(self.loop.dataset_id), "--add-labels", str(export / "labelsTr"))
+        self.command("prepare", "-d", self.data.dataset_id, "--add-labels", str(export / "labelsTr"))
         return picks
 
     def score(self, round_number: int) -> dict[str, Any]:

@@ -17,6 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from run import p_value_text  # benchmarks/run.py, beside this script
+
 from nnfiltermatch.config import TrainConfig
 from nnfiltermatch.files import atomic_write_text
 
@@ -122,7 +124,7 @@ def format_table(rows: list[dict]) -> str:
             f"{arm('supervised')} | {arm('selftrain')} | {arm('ssl')} | {arm('paper')} | {arm(DEFAULT_MODE)} | "
             f"{_mean(dice.get('ceiling'), ceiling_seeds, ceiling_seeds)} | {gains} | "
             f"{'-' if closed is None else f'{closed:.0%}'} | {', '.join(map(str, row['seeds']))} | "
-            f"{'-' if p is None else f'{p:.3f}'} |"
+            f"{'-' if p is None else p_value_text(p).removeprefix('= ')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -486,8 +486,12 @@ def _settings_differ(kept: dict, config: Any) -> list[str]:
     its default value then)."""
     from nnfiltermatch.config import TrainConfig
 
-    defaults = TrainConfig().to_dict()
-    return sorted(k for k, v in config.to_dict().items() if kept["config"].get(k, defaults.get(k, v)) != v)
+    defaults, ours, theirs = TrainConfig().to_dict(), config.to_dict(), kept["config"]
+    differ = [k for k, v in ours.items() if k != "extra" and theirs.get(k, defaults.get(k, v)) != v]
+    # extra holds what training records (the labelled cases): compared where the kept run recorded it too
+    their_extra = theirs.get("extra") or {}
+    differ += [f"extra.{k}" for k, v in ours["extra"].items() if their_extra.get(k, v) != v]
+    return sorted(differ)
 
 
 def _other_finished_runs(out: Path, profile: Profile, prepared: Any, split: str, taken: set) -> list[dict]:
@@ -516,7 +520,7 @@ def run_experiment(
     """Train every mode and seed, evaluate on ``split`` (``test`` also evaluates the validation cases, if any)."""
     from nnfiltermatch.inference import load_checkpoint_safely
     from nnfiltermatch.trainer import STATE_KEY, TRAINERS
-    from nnfiltermatch.training import TrainResult, finished_with, output_folder_for, train
+    from nnfiltermatch.training import TrainResult, finished_with, output_folder_for, record_labelled_cases, train
 
     _use_folders(exp)
     configuration = configuration_for(exp, profile)
@@ -526,6 +530,7 @@ def run_experiment(
             run_dir = out / "runs" / f"{mode}_seed{seed}"
             done = run_dir / "run.json"
             config = arm_config(mode, _schedule(profile, prepared, seed), profile)
+            record_labelled_cases(config, prepared)
             if done.is_file():  # resumable benchmark: finished runs are kept, if they ran this schedule
                 kept = json.loads(done.read_text())
                 differs = _settings_differ(kept, config)
@@ -685,10 +690,15 @@ def _seeds_of(runs: list[dict], modes: list[str]) -> str:
     return ", ".join(map(str, common)) + (f" ({'; '.join(others)})" if others else "")
 
 
+def p_value_text(p: float) -> str:
+    """``< 0.001`` or ``= 0.123``: a p-value the way a reader expects it printed."""
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
 def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tuple[dict, str]:
     from scipy.stats import ttest_rel
 
-    runs = result["runs"]
+    runs = sorted(result["runs"], key=lambda r: (r["seed"], MODES.index(r["mode"])))  # seed order, as printed
     modes = [m for m in MODES if any(r["mode"] == m for r in runs)]
     summary: dict[str, Any] = {"modes": {}, "gain_over_supervised": {}}
     for mode in modes:
@@ -712,6 +722,7 @@ def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tu
         p_value = float(ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue) if len(pairs) > 1 else None
         summary["gain_over_supervised"][mode] = {
             "dice_gain_mean": statistics.fmean(gains),
+            "seeds": [r["seed"] for r in runs if r["mode"] == mode and r["seed"] in sup],
             "per_seed": gains,
             "paired_t_p": p_value,
         }
@@ -756,11 +767,10 @@ def summarise(exp: Experiment, profile: Profile, result: dict, cost: dict) -> tu
             lines.append(f"| {mode} (paper) | mean | {d:.2f} | {j:.2f} | {h:.2f} | {a:.2f} | | |")
     lines.append("")
     for mode, gain in summary["gain_over_supervised"].items():
-        p = f", paired t-test p = {gain['paired_t_p']:.3f}" if gain["paired_t_p"] is not None else ""
-        per_seed = ", ".join(f"{g * 100:+.2f}" for g in gain["per_seed"])
+        p = f", paired t-test p {p_value_text(gain['paired_t_p'])}" if gain["paired_t_p"] is not None else ""
+        per_seed = ", ".join(f"seed {s} {g * 100:+.2f}" for s, g in zip(gain["seeds"], gain["per_seed"]))
         lines.append(
-            f"- {mode} vs supervised: mean Dice gain {gain['dice_gain_mean'] * 100:+.2f} points "
-            f"(per seed {per_seed}){p}"
+            f"- {mode} vs supervised: mean Dice gain {gain['dice_gain_mean'] * 100:+.2f} points ({per_seed}){p}"
         )
     for mode in modes:
         if mode != "supervised":

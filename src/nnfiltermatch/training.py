@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from nnfiltermatch import distributed
-from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig
+from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, option_flag
 from nnfiltermatch.locks import LOCK_NAME, LockError, run_lock
 from nnfiltermatch.preparation import (
     PreparationError,
@@ -146,6 +147,7 @@ def build_trainer(
     fold: int | str,
     config: TrainConfig,
     device: torch.device,
+    *,
     continue_training: bool = False,
     output_folder: Path | None = None,
 ):
@@ -199,6 +201,7 @@ def train(
     fold: int | str,
     config: TrainConfig,
     device: str,
+    *,
     continue_training: bool = False,
     overwrite: bool = False,
     final_validation: bool = True,
@@ -237,17 +240,17 @@ def train(
     torch_device = configure_runtime(device)  # before nnU-Net's configuration module reads the variables
     owns_group = _check_and_join_group(device, num_processes, backend)
     run = RunOptions(
-        device,
-        torch_device,
-        continue_training,
-        overwrite,
-        final_validation,
-        frozenset(explicit_options or ()),
-        num_processes,
-        backend,
-        round_number,
-        save_probabilities,
-        validation_checkpoint,
+        device=device,
+        torch_device=torch_device,
+        continue_training=continue_training,
+        overwrite=overwrite,
+        final_validation=final_validation,
+        explicit_options=frozenset(explicit_options or ()),
+        num_processes=num_processes,
+        backend=backend,
+        round_number=round_number,
+        save_probabilities=save_probabilities,
+        validation_checkpoint=validation_checkpoint,
     )
     with distributed.leaving_group(owns_group):
         runner = _self_train if config.mode == "selftrain" else _train
@@ -332,7 +335,7 @@ def validate_trained(
     with model_folder_lock([out], f"train {option}"):
         seed_everything(config.seed)
         make_repeatable(config.deterministic, torch_device)
-        trainer = build_trainer(dataset_name, configuration, fold, config, torch_device, False, out)
+        trainer = build_trainer(dataset_name, configuration, fold, config, torch_device, output_folder=out)
         trainer.load_checkpoint(str(path))
         trainer.perform_actual_validation(save_probabilities=save_probabilities)
     return out / "validation"
@@ -401,7 +404,7 @@ def check_continue(stored: TrainConfig, config: TrainConfig, explicit_options: f
             "follow from it",
             "seed": ": the epochs already trained drew their batches and views from it",
         }.get(name, "")
-        options.append(f"--{name.replace('_', '-')} {ours} (stored {theirs}){why}")
+        options.append(f"{option_flag(name)} {ours} (stored {theirs}){why}")
     problems = list(options)
     before, now = stored.extra.get(LABELED_IDS_KEY), config.extra.get(LABELED_IDS_KEY)
     if before is not None and now is not None and sorted(before) != sorted(now):
@@ -590,67 +593,44 @@ def _train_into(
 
     result = TrainResult(output_folder=out, final_checkpoint=out / "checkpoint_final.pth")
     if run.num_processes > 1 and not distributed.is_distributed():
-        distributed.spawn(
-            run.num_processes,
-            _spawned_worker,
-            (
-                dataset_name,
-                configuration,
-                fold,
-                config,
-                run.device,
-                run.backend,
-                run.continue_training,
-                out,
-                _validation_of(run),
-            ),
+        job = partial(
+            _spawned_worker, dataset_name=dataset_name, configuration=configuration, fold=fold, config=config, out=out
         )
+        distributed.spawn(run.num_processes, job, (run,))
         return result
-    _run_trainer(
-        dataset_name, configuration, fold, config, run.torch_device, run.continue_training, out, _validation_of(run)
-    )
+    _run_trainer(dataset_name, configuration, fold, config, out, run)
     return result
 
 
-def _validation_of(run: RunOptions) -> tuple[bool, str] | None:
-    """The final validation a run ends with: None (``--no-final-validation``) or (softmax saved, checkpoint)."""
-    return (run.save_probabilities, run.validation_checkpoint) if run.final_validation else None
-
-
 def _spawned_worker(
-    dataset_name: str,
-    configuration: str,
-    fold: int | str,
-    config: TrainConfig,
-    device: str,
-    backend: str | None,
-    continue_training: bool,
-    out: Path,
-    validation: tuple[bool, str] | None,
+    run: RunOptions, *, dataset_name: str, configuration: str, fold: int | str, config: TrainConfig, out: Path
 ) -> None:
     """One process of a ``--num-gpus N`` run: the parent checked and cleared the folder; join the group and train."""
-    torch_device = configure_runtime(device)
-    owns_group = distributed.init_from_env(device, backend)
+    run = replace(run, torch_device=configure_runtime(run.device))  # before nnU-Net is imported in this process
+    owns_group = distributed.init_from_env(run.device, run.backend)
     with distributed.leaving_group(owns_group):
-        _run_trainer(dataset_name, configuration, fold, config, torch_device, continue_training, out, validation)
+        _run_trainer(dataset_name, configuration, fold, config, out, run)
 
 
 def _run_trainer(
-    dataset_name: str,
-    configuration: str,
-    fold: int | str,
-    config: TrainConfig,
-    torch_device: torch.device,
-    continue_training: bool,
-    out: Path,
-    validation: tuple[bool, str] | None,
+    dataset_name: str, configuration: str, fold: int | str, config: TrainConfig, out: Path, run: RunOptions
 ) -> None:
+    """Seed, build the trainer into ``out``, resume it (``run.continue_training``), train, and run the final
+    validation ``run`` asks for (``--npz``: with softmax files; ``--val_best``: from checkpoint_best.pth)."""
     # a different seed per DDP rank, so ranks draw different batches (nnU-Net's loaders sample at random; DDP
     # broadcasts rank 0's initial weights, so the model does not depend on it); rank 0 keeps the single-process seed
     seed_everything(config.seed + distributed.rank())
-    make_repeatable(config.deterministic, torch_device)
-    trainer = build_trainer(dataset_name, configuration, fold, config, torch_device, continue_training, out)
-    if continue_training:
+    make_repeatable(config.deterministic, run.torch_device)
+    trainer = build_trainer(
+        dataset_name,
+        configuration,
+        fold,
+        config,
+        run.torch_device,
+        continue_training=run.continue_training,
+        output_folder=out,
+    )
+    if run.continue_training:
         from nnfiltermatch.trainer import RESUME_ORDER
 
         checkpoint = next((out / n for n in RESUME_ORDER if (out / n).is_file()), None)
@@ -660,8 +640,7 @@ def _run_trainer(
             print(f"--continue: resuming from {checkpoint}")
             trainer.load_checkpoint(str(checkpoint))
     trainer.run_training()
-    if validation is not None:
-        save_probabilities, checkpoint = validation
-        if checkpoint != "final":  # after training the weights are checkpoint_final's
-            trainer.load_checkpoint(str(_validation_checkpoint_file(out, checkpoint, "--val_best")))
-        trainer.perform_actual_validation(save_probabilities=save_probabilities)
+    if run.final_validation:
+        if run.validation_checkpoint != "final":  # after training the weights are checkpoint_final's
+            trainer.load_checkpoint(str(_validation_checkpoint_file(out, run.validation_checkpoint, "--val_best")))
+        trainer.perform_actual_validation(save_probabilities=run.save_probabilities)

@@ -514,7 +514,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nnfiltermatch.config import resolve_config
     from nnfiltermatch.preparation import dataset_name_from_id, load_prepared
     from nnfiltermatch.rounds import rounds_path
-    from nnfiltermatch.training import parse_fold, train
+    from nnfiltermatch.runs import parse_fold
+    from nnfiltermatch.training import train
 
     _check_validation_options(args)  # before the dataset is looked up: a wrong combination is wrong anywhere
     dataset_name = dataset_name_from_id(args.dataset)
@@ -603,7 +604,8 @@ def _validation_note(folder: Path, save_probabilities: bool) -> str:
 
 def _validate_only(args: argparse.Namespace, dataset_name: str) -> int:
     """``train --val``: nnU-Net's final validation of a trained fold, nothing trained."""
-    from nnfiltermatch.training import parse_fold, validate_trained
+    from nnfiltermatch.runs import parse_fold
+    from nnfiltermatch.training import validate_trained
 
     folder = validate_trained(
         dataset_name,
@@ -644,8 +646,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _model_dir_from_args(args: argparse.Namespace, error: type[ValueError]) -> Path:
     """``-m MODEL_DIR``, or the folder that ``-d/-c/--mode/-p/--round`` name in nnU-Net's results layout (not both)."""
-    from nnfiltermatch.inference import resolve_model_dir
     from nnfiltermatch.rounds import model_dir_for_round
+    from nnfiltermatch.runs import resolve_model_dir
 
     round_number = getattr(args, "round_number", None)
     named = [

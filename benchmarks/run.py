@@ -450,8 +450,13 @@ def _teacher_as_model(model: Path, state: dict, target: Path) -> Path | None:
     """
     import torch
 
-    from nnfiltermatch.inference import DIGEST_KEY, checkpoint_weight_sets, load_checkpoint_safely, weights_digests
-    from nnfiltermatch.trainer import STATE_KEY
+    from nnfiltermatch.runs import (
+        DIGEST_KEY,
+        STATE_KEY,
+        checkpoint_weight_sets,
+        load_checkpoint_safely,
+        weights_digests,
+    )
 
     if state.get("teacher") is None:
         return None
@@ -518,9 +523,8 @@ def run_experiment(
     split: str = "test",
 ) -> dict:
     """Train every mode and seed, evaluate on ``split`` (``test`` also evaluates the validation cases, if any)."""
-    from nnfiltermatch.inference import load_checkpoint_safely
-    from nnfiltermatch.trainer import STATE_KEY, TRAINERS
-    from nnfiltermatch.training import TrainResult, finished_with, output_folder_for, record_labelled_cases, train
+    from nnfiltermatch.runs import FILTER_DIRNAME, STATE_KEY, TRAINER_NAMES, load_checkpoint_safely, output_folder_for
+    from nnfiltermatch.training import TrainResult, finished_with, record_labelled_cases, train
 
     _use_folders(exp)
     configuration = configuration_for(exp, profile)
@@ -545,7 +549,7 @@ def run_experiment(
                 continue
             print(f"[benchmark] {exp.dataset_key} {exp.labeled_key} {profile.name}: {mode} seed {seed}", flush=True)
             folder = output_folder_for(
-                exp.dataset_name, TRAINERS[config.mode].__name__, prepared.plans_name, configuration, "all"
+                exp.dataset_name, TRAINER_NAMES[config.mode], prepared.plans_name, configuration, "all"
             )
             if config.deterministic and finished_with(folder, config):
                 # the same deterministic computation finished already (e.g. a learning-curve run that did not read
@@ -579,7 +583,7 @@ def run_experiment(
             reported = test if test is not None else validation
             assert reported is not None
             rounds = [
-                json.loads(p.read_text()) for p in sorted((trained.output_folder / "filter_rounds").glob("*.json"))
+                json.loads(p.read_text()) for p in sorted((trained.output_folder / FILTER_DIRNAME).glob("*.json"))
             ]
             state = load_checkpoint_safely(trained.final_checkpoint)["init_args"][STATE_KEY]
             teacher_model = (

@@ -87,9 +87,8 @@ def use_folders(model_dir: Path, scratch: Path, preprocessed: Path | None) -> No
 def load_scoring_trainer(model_dir: Path, fold: str, checkpoint: str, device: Any):
     """Our trainer with the model's plans, configuration and checkpoint (student, EMA teacher, mirror axes)."""
     from nnfiltermatch.config import PLANS_KEY, TrainConfig
-    from nnfiltermatch.inference import load_checkpoint_safely
-    from nnfiltermatch.trainer import STATE_KEY, TRAINERS
-    from nnfiltermatch.training import parse_fold
+    from nnfiltermatch.runs import STATE_KEY, load_checkpoint_safely, parse_fold
+    from nnfiltermatch.training import trainer_class
 
     fold_dir = model_dir / f"fold_{fold}"
     path = fold_dir / f"checkpoint_{checkpoint}.pth"
@@ -104,7 +103,7 @@ def load_scoring_trainer(model_dir: Path, fold: str, checkpoint: str, device: An
     plans[PLANS_KEY] = config.to_dict()
     plans["continue_training"] = False
     configuration = model_dir.name.split("__")[-1]
-    trainer = TRAINERS[state["mode"]](
+    trainer = trainer_class(state["mode"])(
         plans=plans, configuration=configuration, fold=parse_fold(fold), dataset_json=dataset_json, device=device
     )
     trainer.load_checkpoint(str(path))

@@ -79,8 +79,8 @@ def test_chk_final_is_the_default_checkpoint() -> None:
         assert parse(*base, "--checkpoint", "final").checkpoint == "final"
 
 
-def test_checkpoint_names_match_the_files_inference_loads() -> None:
-    from nnfiltermatch.inference import CHECKPOINTS
+def test_checkpoint_names_match_the_run_folders() -> None:
+    from nnfiltermatch.runs import CHECKPOINTS
 
     assert CHECKPOINT_FILES == CHECKPOINTS
 

@@ -185,7 +185,7 @@ def test_two_process_training_keeps_ranks_identical(prepared: Path, tmp_path: Pa
     assert len(set(scored)) == 36 and set(r0["pool"]) < set(scored)
     assert all(math.isfinite(c["score"]) for c in record["cases"])
 
-    from nnfiltermatch.trainer import STATE_KEY  # here, not at the top: spawned helper workers import this module
+    from nnfiltermatch.runs import STATE_KEY  # here, not at the top: spawned helper workers import this module
 
     checkpoint = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     state = checkpoint["init_args"][STATE_KEY]

@@ -26,19 +26,14 @@ from conftest import overwrite_tensor_bytes
 from nnfiltermatch import inference
 from nnfiltermatch.cli import main
 from nnfiltermatch.inference import (
-    DIGEST_KEY,
     PARTIAL_NAME,
     PARTIAL_PREFIX,
-    STATE_KEY,
     CaseProgress,
-    CheckpointError,
-    PredictionError,
     atomic_plans_manager,
-    load_checkpoint_safely,
     load_predictor,
     predict_folder,
-    resolve_model_dir,
 )
+from nnfiltermatch.runs import DIGEST_KEY, STATE_KEY, CheckpointError, load_checkpoint_safely, resolve_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = REPO / "data" / "Dataset901_HippocampusSubset"
@@ -461,8 +456,6 @@ def test_model_dir_from_dataset_configuration_mode(model: Model, capsys: pytest.
     assert code == 2 and str(model.model_dir.parent / f"nnFilterMatchTrainer_supervised__nnUNetPlans__{CONFIG}") in err
     code, err = _run_cli(capsys, *args, "-m", model.model_dir, "-d", "901")
     assert code == 2 and "either -m" in err
-    with pytest.raises(PredictionError, match="--mode 'fancy'"):
-        resolve_model_dir(901, CONFIG, "fancy")
 
 
 # ----- progress, resuming, refusing to overwrite ------------------------------------------------------------------

@@ -35,10 +35,8 @@ from nnfiltermatch.preparation import (
 )
 from nnfiltermatch.query import (
     EXPORT_FOLDERS,
-    LATEST_QUERY,
     SCORE_TYPES,
     SELECTION_CSV,
-    STATE_KEY,
     STRATEGIES,
     QueryError,
     RankedCase,
@@ -46,7 +44,6 @@ from nnfiltermatch.query import (
     bounding_box,
     case_score,
     check_export_target,
-    collect_filter_rounds,
     decide_reuse,
     flip_combinations,
     install_export,
@@ -55,6 +52,7 @@ from nnfiltermatch.query import (
     ranking_columns,
     run_query,
 )
+from nnfiltermatch.runs import LATEST_QUERY, STATE_KEY
 
 TRAINER_DIR = f"nnFilterMatchTrainer__nnUNetPlans__{CONFIG}"
 N_UNLABELED = 10
@@ -159,7 +157,7 @@ def model(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 def shifted_model(model: Model, folder: Path, shift: float) -> Path:
     """A copy of the model whose background logit is raised by ``shift`` everywhere (the last decoder bias)."""
-    from nnfiltermatch.inference import load_checkpoint_safely
+    from nnfiltermatch.runs import load_checkpoint_safely
 
     checkpoint = load_checkpoint_safely(model.model_dir / "fold_all" / "checkpoint_final.pth")
     bias = max(
@@ -244,16 +242,6 @@ def test_reuse_decision_requires_the_same_network_and_procedure() -> None:
     assert "ensembles 2" in decide_reuse(ckpt, [_round(2)], **same, n_folds=2).reason
     with pytest.raises(QueryError, match="--reuse-filter-scores"):
         decide_reuse(ckpt, [_round(2)], **same, policy="always")
-
-
-def test_rounds_from_checkpoint_and_later_round_files(tmp_path: Path) -> None:
-    (tmp_path / "filter_rounds").mkdir()
-    (tmp_path / "filter_rounds" / "epoch_0001.json").write_text(json.dumps(_round(1, seconds=99)))
-    (tmp_path / "filter_rounds" / "epoch_0002.json").write_text(json.dumps(_round(2)))
-    (tmp_path / "filter_rounds" / "epoch_0003.json").write_text("{truncated")
-    ckpt = {"init_args": {STATE_KEY: {"filter_rounds": [_round(1)]}}}
-    rounds = collect_filter_rounds(tmp_path, ckpt)
-    assert [r["epoch"] for r in rounds] == [1, 2] and "seconds" not in rounds[0]  # the checkpoint's round wins
 
 
 def test_strategy_registry_and_seeded_draws() -> None:

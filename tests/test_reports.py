@@ -16,14 +16,8 @@ import pytest
 from conftest import CONFIG, DATASET, LABELED, REPO
 from nnfiltermatch.cli import main
 from nnfiltermatch.metrics import CaseRow, EvaluationResult
-from nnfiltermatch.query import LATEST_QUERY
-from nnfiltermatch.reports import (
-    ReportError,
-    build_report,
-    filter_cut,
-    plot_ssl_progress,
-    resolve_fold_dir,
-)
+from nnfiltermatch.reports import ReportError, build_report, filter_cut, plot_ssl_progress
+from nnfiltermatch.runs import LATEST_QUERY, RunFolderError
 from test_query import TRAINER_DIR, nnunet_env, run_cli_subprocess, tiny_model_in_own_tree
 
 SECTIONS = ("summary", "curves", "pool", "rounds", "config", "evaluation")
@@ -125,15 +119,8 @@ def test_latest_checkpoint_when_there_is_no_final(model_dir: Path, tmp_path: Pat
 def test_errors(model_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(ReportError, match="not a trained model folder"):
+    with pytest.raises(RunFolderError, match="not a trained model folder"):
         build_report(tmp_path)
-    two = tmp_path / "two"
-    for fold in ("fold_0", "fold_1"):
-        (two / fold).mkdir(parents=True)
-        (two / fold / "checkpoint_final.pth").symlink_to(model_dir / "fold_all" / "checkpoint_final.pth")
-    with pytest.raises(ReportError, match="choose one with -f"):
-        resolve_fold_dir(two)
-    assert resolve_fold_dir(two, 1) == two / "fold_1"
     (tmp_path / "bad.json").write_text(json.dumps({"cases": []}))
     with pytest.raises(ReportError, match="not a summary"):
         build_report(model_dir, output=tmp_path / "x.html", evaluation=tmp_path / "bad.json")

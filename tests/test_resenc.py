@@ -23,7 +23,7 @@ from nnfiltermatch.preparation import (
     planner_plans_name,
     resolve_planner,
 )
-from nnfiltermatch.query import collect_filter_rounds
+from nnfiltermatch.runs import collect_filter_rounds
 from test_query import nnunet_env, run_cli_subprocess
 
 PLANS = "nnUNetResEncUNetMPlans"

@@ -18,8 +18,9 @@ import torch
 from conftest import CONFIG, DATASET
 from nnfiltermatch.config import CONFIG_FILENAME, resolve_config
 from nnfiltermatch.preparation import PreparationError, PreparedDataset, load_prepared
-from nnfiltermatch.trainer import FILTER_DIRNAME, STATE_KEY, nnFilterMatchTrainer
-from nnfiltermatch.training import finished_with, output_folder_for, record_labelled_cases, train
+from nnfiltermatch.runs import FILTER_DIRNAME, STATE_KEY, output_folder_for
+from nnfiltermatch.trainer import nnFilterMatchTrainer
+from nnfiltermatch.training import finished_with, record_labelled_cases, train
 
 # 4 epochs, rounds at the start of epochs 1 and 3, checkpoint_latest after epochs 1 (and 3: the last, so never);
 # every strong-view operation on, so the view generator is drawn from at every step

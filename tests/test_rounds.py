@@ -30,7 +30,7 @@ from nnfiltermatch.rounds import (
     round_of_model_dir,
     trainer_folder_name,
 )
-from nnfiltermatch.training import output_folder_for
+from nnfiltermatch.runs import output_folder_for
 from test_query import nnunet_env, run_cli_subprocess, small_prepared_tree
 
 PLAIN = f"nnFilterMatchTrainer_supervised__nnUNetPlans__{CONFIG}"

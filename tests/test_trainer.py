@@ -18,7 +18,7 @@ import torch
 from conftest import CONFIG, DATASET, overwrite_tensor_bytes
 from nnfiltermatch.config import CONFIG_FILENAME, TrainConfig, resolve_config
 from nnfiltermatch.preparation import PreparationError
-from nnfiltermatch.trainer import STATE_KEY
+from nnfiltermatch.runs import STATE_KEY
 from nnfiltermatch.training import build_trainer, train
 
 SHORT = {
@@ -302,7 +302,7 @@ def test_nan_loss_stops_the_run_and_damaged_checkpoints_are_refused(
     """A loss gone NaN after epoch 0 stops the run before NaN weights reach a checkpoint, naming the good one; a
     checkpoint damaged on disk (NaN bytes, or a finite change caught by its checksum) is refused by --continue,
     which says how to resume from checkpoint_best.pth; following that advice finishes the run."""
-    from nnfiltermatch.inference import DIGEST_KEY, CheckpointError, load_checkpoint_safely
+    from nnfiltermatch.runs import DIGEST_KEY, CheckpointError, load_checkpoint_safely
     from nnfiltermatch.trainer import (
         MAX_NON_FINITE_STEPS,
         NonFiniteTrainingError,

@@ -37,8 +37,8 @@ PLANS_HELP = "plans name (default: the plans -d was prepared with, else nnUNetPl
 
 def _model_dir_from_args(args: argparse.Namespace, error: type[ValueError]) -> Path:
     """``-m MODEL_DIR``, or the folder that ``-d/-c/--mode/-p/--round`` name in nnU-Net's results layout (not both)."""
-    from nnfiltermatch.inference import resolve_model_dir
     from nnfiltermatch.rounds import model_dir_for_round
+    from nnfiltermatch.runs import resolve_model_dir
 
     round_number = getattr(args, "round_number", None)
     named = [

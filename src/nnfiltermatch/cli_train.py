@@ -139,7 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nnfiltermatch.config import resolve_config
     from nnfiltermatch.preparation import dataset_name_from_id, load_prepared
     from nnfiltermatch.rounds import rounds_path
-    from nnfiltermatch.training import parse_fold, train
+    from nnfiltermatch.runs import parse_fold
+    from nnfiltermatch.training import train
 
     _check_validation_options(args)  # before the dataset is looked up: a wrong combination is wrong anywhere
     dataset_name = dataset_name_from_id(args.dataset)
@@ -228,7 +229,8 @@ def _validation_note(folder: Path, save_probabilities: bool) -> str:
 
 def _validate_only(args: argparse.Namespace, dataset_name: str) -> int:
     """``train --val``: nnU-Net's final validation of a trained fold, nothing trained."""
-    from nnfiltermatch.training import parse_fold, validate_trained
+    from nnfiltermatch.runs import parse_fold
+    from nnfiltermatch.training import validate_trained
 
     folder = validate_trained(
         dataset_name,

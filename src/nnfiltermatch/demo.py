@@ -71,6 +71,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", seed: int = 0)
     from nnfiltermatch.inference import predict_folder
     from nnfiltermatch.metrics import evaluate_folders
     from nnfiltermatch.preparation import prepare
+    from nnfiltermatch.runs import FILTER_DIRNAME
     from nnfiltermatch.training import train
 
     out = out.resolve()
@@ -116,7 +117,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", seed: int = 0)
         evaluation = evaluate_folders(raw / "labelsTs", pred_dir, labels=[1, 2], units="voxel", progress=False)
         evaluation.to_json(out / f"evaluation_{mode}.json")
         evaluation.to_csv(out / f"evaluation_{mode}.csv")
-        rounds = sorted((trained.output_folder / "filter_rounds").glob("*.json"))
+        rounds = sorted((trained.output_folder / FILTER_DIRNAME).glob("*.json"))
         filter_seconds = sum(json.loads(p.read_text())["seconds"] for p in rounds)
         results["modes"][mode] = {
             "model": str(trained.output_folder),

@@ -21,20 +21,8 @@ What is trusted
   built (``network_class_name`` and the ``_kw_requires_import`` entries are imported by nnU-Net's
   ``get_network_from_plans``), how images are preprocessed and how outputs are written. Only use model folders you
   would also train from.
-* Checkpoints are never unpickled with arbitrary code: ``torch.load(..., weights_only=True)`` with only data types
-  allow-listed (see ``CHECKPOINT_SAFE_GLOBALS``): numpy scalars (``numpy._core.multiarray.scalar``), ``numpy.dtype``
-  and its numeric/bool subclasses (``numpy.dtypes.Float32DType`` ...), and plain arrays
-  (``numpy._core.multiarray._reconstruct``, ``numpy.ndarray``), each also under its numpy-1 name
-  ``numpy.core.multiarray.*``. nnU-Net's logging dict holds numpy float32 scalars (our checkpoints need exactly
-  ``scalar``, ``dtype`` and ``Float32DType``); the other numeric dtypes and arrays cover checkpoints written by
-  other numpy/nnU-Net versions. None of these runs code: object arrays still unpickle their elements through the
-  same restricted unpickler. ``torch.device`` (in ``init_args``) is allowed by torch itself. A checkpoint that needs
-  anything else is refused with a ``PredictionError`` naming the offending globals.
-* Loaded weights are verified (``verify_checkpoint_weights``): every floating-point tensor of ``network_weights`` and
-  of the EMA teacher must be finite, and where the checkpoint stores a SHA-256 of them (``weights_digest``, written
-  by our trainer at save) they must match it. Why: 4 KiB overwritten inside one tensor of a checkpoint loaded
-  without a word, trained to NaN and predicted all-background masks, all with exit status 0. A checkpoint without a
-  digest (nnU-Net's own) gets the finite check only.
+* Checkpoints are loaded and verified by ``runs.load_checkpoint_safely`` (no code runs; weights finite and
+  equal to the digest stored at save).
 """
 
 from __future__ import annotations
@@ -43,311 +31,44 @@ import contextlib
 import functools
 import io
 import os
-import pickle
 import re
 import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import numpy as np
 import torch
 
-from nnfiltermatch import distributed
+from nnfiltermatch.runs import (
+    CHECKPOINTS,
+    LISTED,
+    TRAINER_NAMES,
+    CheckpointError,
+    checkpoint_files,
+    describe_epoch,
+    listed,
+    load_checkpoint_safely,
+    read_model_folder,
+    usable_checkpoints_beside,
+)
 
 if TYPE_CHECKING:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-CHECKPOINTS: dict[str, str] = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 CHANNEL_DIGITS = 4
-_LISTED = 8  # how many names an error message lists before "..."
 PARTIAL_PREFIX = ".nnfm-partial-"  # segmentations being written; hidden, so that no folder scan takes them as cases
 PARTIAL_NAME = re.compile(rf"^{re.escape(PARTIAL_PREFIX)}[0-9a-f]{{8}}-(?P<target>.+)$")
 Existing = Literal["refuse", "continue", "overwrite"]
 EXISTING: tuple[str, ...] = ("refuse", "continue", "overwrite")
 
 
-STATE_KEY = "nnfiltermatch_state"  # our trainer's state inside nnU-Net's checkpoint (its 'init_args' entry)
-DIGEST_KEY = "weights_digest"  # in that state: {weight set: distributed.state_digest of it} at save
-
-
 class PredictionError(ValueError):
     """Prediction cannot start; the message names the path or value and how to fix it."""
-
-
-class CheckpointError(PredictionError):
-    """A checkpoint file cannot be used (unreadable, unsafe, non-finite or altered weights); the message names it."""
-
-
-# ----- safe checkpoint loading ------------------------------------------------------------------------------------
-def _numpy_safe_globals() -> list[Any]:
-    """numpy's data-only types, under both the numpy-2 (``numpy._core``) and numpy-1 (``numpy.core``) module names."""
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # type: ignore[attr-defined]
-    other = "numpy.core.multiarray" if multiarray.__name__.startswith("numpy._core") else "numpy._core.multiarray"
-    dtype_names = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
-    dtype_names += ("float16", "float32", "float64", "complex64", "complex128")
-    dtype_classes = {type(np.dtype(name)) for name in dtype_names} - {np.dtype}
-    return [
-        multiarray.scalar,
-        (multiarray.scalar, f"{other}.scalar"),
-        multiarray._reconstruct,
-        (multiarray._reconstruct, f"{other}._reconstruct"),
-        np.ndarray,
-        np.dtype,
-        *sorted(dtype_classes, key=lambda c: c.__name__),
-    ]
-
-
-CHECKPOINT_SAFE_GLOBALS: list[Any] = _numpy_safe_globals()
-
-
-def load_checkpoint_safely(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with numpy data types allowed; anything that could run code is refused."""
-    path = Path(path)
-    try:
-        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        allowed = {_global_name(g) for g in CHECKPOINT_SAFE_GLOBALS}
-        try:
-            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:  # only improves the message
-            found = []
-        offending = [name for name in found if name not in allowed]
-        match = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", str(exc), re.S)
-        reason = " ".join(match.group(1).split()) if match else ""
-        detail = (
-            f"it references {', '.join(offending)}"
-            if offending
-            else (reason or "it holds more than tensors and plain data")
-        )
-        raise CheckpointError(
-            f"{path}: refused to load the checkpoint: {detail}. nnfiltermatch loads checkpoints with "
-            "weights_only=True and allows only tensors, plain Python data and numpy scalars/arrays, so a checkpoint "
-            "cannot run code. If you trust this file, re-save it with only those types (e.g. its 'network_weights')."
-        ) from exc
-    except Exception as exc:  # corrupt or truncated files fail in many ways (RuntimeError, EOFError, KeyError ...)
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc}); retrain or copy it again"
-        ) from exc
-    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
-        raise CheckpointError(f"{path}: not an nnU-Net checkpoint (no 'network_weights' entry)")
-    verify_checkpoint_weights(checkpoint, path)
-    return checkpoint
-
-
-def checkpoint_weight_sets(checkpoint: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    """The weight sets a checkpoint holds: nnU-Net's ``network_weights`` and, when there is one, our EMA teacher."""
-    state = (checkpoint.get("init_args") or {}).get(STATE_KEY) or {}
-    sets: dict[str, Mapping[str, Any]] = {"network_weights": checkpoint["network_weights"]}
-    if isinstance(state.get("teacher"), Mapping):
-        sets["teacher"] = state["teacher"]
-    return sets
-
-
-def weights_digests(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, str | None]:
-    """What the trainer stores at save: one SHA-256 per weight set (``distributed.state_digest``)."""
-    return {name: distributed.state_digest(weights) for name, weights in sets.items()}
-
-
-def non_finite_tensors(tensors: Mapping[str, Any]) -> list[str]:
-    """Names of the floating-point tensors holding NaN or +-inf (integer buffers cannot)."""
-    return [
-        name
-        for name, t in tensors.items()
-        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
-
-
-def listed(names: Sequence[str]) -> str:
-    """At most ``_LISTED`` names, then how many more: error messages name the first offenders, not all 136."""
-    return ", ".join(names[:_LISTED]) + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
-
-
-def verify_checkpoint_weights(checkpoint: Mapping[str, Any], path: Path) -> None:
-    """Refuse weights that are not finite, or that differ from the digest stored with them at save.
-
-    Why both: NaN/inf is what a damaged float usually becomes, and a model with it predicts only background; the
-    digest also catches damage that left every value finite. A checkpoint without a digest (nnU-Net's own, or one
-    written before digests) is accepted on the finite check alone.
-    """
-    sets = checkpoint_weight_sets(checkpoint)
-    state = (checkpoint.get("init_args") or {}).get(STATE_KEY) or {}
-    stored = state.get(DIGEST_KEY) if isinstance(state, Mapping) else None
-    stored = stored if isinstance(stored, Mapping) else {}
-    altered = [part for part, digest in stored.items() if digest != distributed.state_digest(sets.get(part))]
-    problems = []
-    for part, weights in sets.items():
-        bad = non_finite_tensors(weights)
-        if bad:
-            problems.append(
-                f"{len(bad)} of {len(weights)} tensors of its {part} hold NaN or infinite values ({listed(bad)})"
-            )
-    if not problems and not altered:
-        return
-    if altered:
-        cause = (
-            f"{' and '.join(altered)} differ from the SHA-256 checksum stored when it was written, so the file was "
-            "damaged or altered after saving"
-        )
-        if not problems:
-            cause += " (every value is finite: nothing else would have noticed)"
-    elif stored:
-        cause = "they match the checksum stored at save, so they were saved that way (a training that diverged)"
-    else:
-        cause = "the file stores no checksum (written by nnU-Net or an older nnfiltermatch)"
-    hint = "Copy the file again from a good copy, use another checkpoint, or retrain"
-    if altered and not problems:
-        stale = f"init_args['{STATE_KEY}']['{DIGEST_KEY}']"
-        hint += f"; if you changed the weights on purpose, delete {stale} before saving it"
-    raise CheckpointError(
-        f"{path}: unusable weights: {'; '.join(problems) + '; ' if problems else ''}{cause}. A model loaded from it "
-        f"would train to NaN or predict nothing but background. {hint}."
-    )
-
-
-def usable_checkpoints_beside(path: Path, names: Sequence[str]) -> dict[str, int | None]:
-    """Which of ``names`` beside ``path`` load and verify, with the epoch each was written at the end of.
-
-    Only for error messages about ``path``: reads each file in full, so it is never on a normal path.
-    """
-    usable: dict[str, int | None] = {}
-    for name in names:
-        other = Path(path).with_name(name)
-        if other.name == Path(path).name or not other.is_file():
-            continue
-        try:
-            checkpoint = load_checkpoint_safely(other)
-        except PredictionError:
-            continue
-        epoch = checkpoint.get("current_epoch")
-        usable[name] = int(epoch) - 1 if isinstance(epoch, int) else None
-    return usable
-
-
-def describe_epoch(epoch: int | None) -> str:
-    return f"written at the end of epoch {epoch}" if epoch is not None else "epoch unknown"
-
-
-def _global_name(entry: Any) -> str:
-    if isinstance(entry, tuple):
-        return entry[1]
-    return f"{entry.__module__}.{entry.__qualname__}"
-
-
-# ----- the model folder -------------------------------------------------------------------------------------------
-def resolve_model_dir(dataset: str | int, configuration: str, mode: str, plans: str = "nnUNetPlans") -> Path:
-    """The folder ``train`` writes for this dataset, configuration and mode (the parent of its fold_X folders)."""
-    from nnfiltermatch.preparation import dataset_name_from_id
-    from nnfiltermatch.trainer import TRAINERS
-    from nnfiltermatch.training import output_folder_for
-
-    if mode not in TRAINERS:
-        raise PredictionError(f"--mode {mode!r}: choose one of {', '.join(TRAINERS)}")
-    name = dataset_name_from_id(dataset)
-    return output_folder_for(name, TRAINERS[mode].__name__, plans, configuration, 0).parent
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise PredictionError(f"{path}: cannot read it as JSON ({exc})") from exc
-
-
-def read_model_folder(model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """plans.json and dataset.json of a trained model folder, with an error that says what a model folder is."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "plans.json").is_file():
-        hint = ""
-        if model_dir.name.startswith("fold_") and (model_dir.parent / "plans.json").is_file():
-            hint = f" This is a fold folder: give its parent {model_dir.parent} and select folds with -f."
-        elif model_dir.parent.is_dir():
-            siblings = sorted(p.name for p in model_dir.parent.iterdir() if (p / "plans.json").is_file())
-            if siblings:
-                hint = f" Model folders beside it: {', '.join(siblings)}."
-        what = "does not exist" if not model_dir.exists() else "has no plans.json"
-        raise PredictionError(
-            f"{model_dir} {what}: not a trained model folder. Give the folder that holds plans.json, dataset.json "
-            f"and fold_X/ (e.g. $nnUNet_results/DatasetXXX_Name/<Trainer>__<Plans>__<configuration>), or train "
-            f"first.{hint}"
-        )
-    if not (model_dir / "dataset.json").is_file():
-        raise PredictionError(f"{model_dir} has plans.json but no dataset.json: copy the whole model folder")
-    return _read_json(model_dir / "plans.json"), _read_json(model_dir / "dataset.json")
-
-
-def _normalise_fold(fold: str | int) -> str | int:
-    if isinstance(fold, int) or str(fold) == "all":
-        return fold if isinstance(fold, int) else "all"
-    try:
-        return int(fold)
-    except ValueError:
-        raise PredictionError(f"-f {fold!r}: give fold numbers (e.g. -f 0 1 2) or 'all'") from None
-
-
-def _fold_folders(model_dir: Path) -> list[Path]:
-    return sorted(p for p in model_dir.glob("fold_*") if p.is_dir())
-
-
-def detect_folds(model_dir: Path, checkpoint: str = "final") -> list[str | int]:
-    """Folds that have the checkpoint: the numbered ones (a cross-validation ensemble), else fold_all."""
-    name = _checkpoint_name(checkpoint)
-    numbered: list[str | int] = []
-    for folder in _fold_folders(Path(model_dir)):
-        suffix = folder.name.removeprefix("fold_")
-        if suffix.isdigit() and (folder / name).is_file():
-            numbered.append(int(suffix))
-    if numbered:
-        return sorted(numbered, key=int)
-    if (Path(model_dir) / "fold_all" / name).is_file():
-        return ["all"]
-    raise PredictionError(
-        f"{model_dir}: no fold_X/{name} found ({_describe_folds(Path(model_dir))}). Train a fold first, or pick "
-        "another checkpoint with --checkpoint."
-    )
-
-
-def _describe_folds(model_dir: Path) -> str:
-    parts = []
-    for folder in _fold_folders(model_dir):
-        files = sorted(p.name for p in folder.glob("checkpoint_*.pth"))
-        parts.append(f"{folder.name}/: {', '.join(files) if files else 'no checkpoints'}")
-    return "; ".join(parts) if parts else "no fold_X folders"
-
-
-def _checkpoint_name(checkpoint: str) -> str:
-    if checkpoint not in CHECKPOINTS:
-        raise PredictionError(f"--checkpoint {checkpoint!r}: choose one of {', '.join(CHECKPOINTS)}")
-    return CHECKPOINTS[checkpoint]
-
-
-def checkpoint_files(
-    model_dir: Path, folds: Sequence[str | int] | None, checkpoint: str = "final"
-) -> list[tuple[str | int, Path]]:
-    """(fold, checkpoint path) per fold, checked to exist; None means the folds found."""
-    model_dir = Path(model_dir)
-    name = _checkpoint_name(checkpoint)
-    if isinstance(folds, (str, int)):
-        folds = [folds]
-    chosen = detect_folds(model_dir, checkpoint) if not folds else [_normalise_fold(f) for f in folds]
-    chosen = list(dict.fromkeys(chosen))
-    result = []
-    for fold in chosen:
-        path = model_dir / f"fold_{fold}" / name
-        if not path.is_file():
-            raise PredictionError(
-                f"fold {fold}: {path} does not exist (found: {_describe_folds(model_dir)}). Pick existing folds "
-                "with -f, or --checkpoint best|final."
-            )
-        result.append((fold, path))
-    return result
 
 
 # ----- the network and the predictor ------------------------------------------------------------------------------
@@ -355,9 +76,9 @@ def _trainer_class(trainer_name: str) -> type:
     """Our trainers and nnU-Net's base trainer by name; other names fall back to nnU-Net's default architecture."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnfiltermatch.trainer import TRAINERS
+    from nnfiltermatch.training import trainer_class
 
-    known: dict[str, type] = {cls.__name__: cls for cls in TRAINERS.values()}
+    known: dict[str, type] = {name: trainer_class(mode) for mode, name in TRAINER_NAMES.items()}
     known[nnUNetTrainer.__name__] = nnUNetTrainer
     if trainer_name not in known:
         warnings.warn(
@@ -626,7 +347,7 @@ def collect_cases(input_dir: Path, dataset_json: dict[str, Any]) -> dict[str, li
     wrong = {case: sorted(found) for case, found in by_case.items() if set(found) != expected}
     if wrong:
         listed = "; ".join(
-            f"{case}: {', '.join(f'{c:04d}' for c in found)}" for case, found in list(wrong.items())[:_LISTED]
+            f"{case}: {', '.join(f'{c:04d}' for c in found)}" for case, found in list(wrong.items())[:LISTED]
         )
         raise PredictionError(
             f"-i {input_dir}: the model takes {n_channels} channel(s) {dict(channels)} (dataset.json channel_names), "
@@ -643,8 +364,8 @@ def check_input_images(input_dir: Path, cases: dict[str, list[Path]], dataset_js
     files = [f for channel_files in cases.values() for f in channel_files]
     problems = check_image_files(files, Path(input_dir), dataset_json.get("file_ending", ".nii.gz"))
     if problems:
-        listed = "\n".join(f"  - {p}" for p in problems[:_LISTED])
-        more = f"\n  ... and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
+        listed = "\n".join(f"  - {p}" for p in problems[:LISTED])
+        more = f"\n  ... and {len(problems) - LISTED} more" if len(problems) > LISTED else ""
         raise PredictionError(
             f"-i {input_dir}: {len(problems)} image(s) cannot be used; nothing was predicted:\n{listed}{more}"
         )

@@ -60,6 +60,14 @@ import torch
 
 from nnfiltermatch.files import atomic_write_bytes
 from nnfiltermatch.rounds import QUERY_SETTINGS_NAME
+from nnfiltermatch.runs import (
+    LATEST_QUERY,
+    checkpoint_files,
+    collect_filter_rounds,
+    load_checkpoint_safely,
+    read_model_folder,
+    trainer_state,
+)
 from nnfiltermatch.uncertainty import margin_map, reduce_case_score, voxel_entropy
 
 if TYPE_CHECKING:
@@ -69,14 +77,10 @@ REDUCTIONS: tuple[str, ...] = ("mean", "topk")
 REUSE_POLICIES: tuple[str, ...] = ("auto", "never")
 DEFAULT_STEP_SIZE = 0.5  # nnU-Net's, for models without a recorded filter tile step
 DEFAULT_PNG_TOP = 5
-FILTER_DIRNAME = "filter_rounds"  # as the trainer writes it (kept here so query does not import the trainer)
-STATE_KEY = "nnfiltermatch_state"
 DEFAULT_SEED = 0
 DEFAULT_MIN_FOREGROUND_ML = 0.1  # below this, a predicted "structure" is a few stray voxels, not something to draw
 DISPLAY_MAP = "entropy"  # the voxel map shown (and predicted) for strategies that rank without one
 SELECTION_CSV = "selection.csv"
-# in the model folder: where the latest query's ranking went and how it was made (the report shows it)
-LATEST_QUERY = "query_latest.json"
 EXPORT_README = "README.txt"
 EXPORT_FOLDERS = {"images": "images", "preannotations": "preannotations", "png": "png", "labels": "labelsTr"}
 
@@ -156,26 +160,6 @@ class ReuseDecision:
         return bool(self.scores)
 
 
-def collect_filter_rounds(fold_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The rounds the checkpoint carries, plus ``filter_rounds/epoch_XXXX.json`` files of later rounds.
-
-    A round at the start of epoch ``e`` runs after the checkpoint saved at the end of epoch ``e - 1``, so that
-    checkpoint does not hold it: only the file does. Rounds in the checkpoint win over files of the same epoch.
-    """
-    state = (checkpoint.get("init_args") or {}).get(STATE_KEY) or {}
-    rounds = {int(r["epoch"]): dict(r) for r in state.get("filter_rounds") or []}
-    folder = Path(fold_dir) / FILTER_DIRNAME
-    if folder.is_dir():
-        for path in sorted(folder.glob("epoch_*.json")):
-            try:
-                record = json.loads(path.read_text())
-                epoch = int(record["epoch"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # a damaged record is simply not reused
-            rounds.setdefault(epoch, record)
-    return [rounds[e] for e in sorted(rounds)]
-
-
 def decide_reuse(
     checkpoint: Mapping[str, Any],
     rounds: Sequence[Mapping[str, Any]],
@@ -212,8 +196,7 @@ def decide_reuse(
     if not rounds:
         return no("the model has no filter round")
     last = rounds[-1]
-    state = (checkpoint.get("init_args") or {}).get(STATE_KEY) or {}
-    config = state.get("config") or {}
+    config = trainer_state(checkpoint).get("config") or {}
     current = checkpoint.get("current_epoch")
     epoch = int(last["epoch"])
     if current is None or int(current) != epoch:
@@ -314,7 +297,7 @@ def load_query_model(
     step_size: float | None = None,
 ) -> QueryModel:
     """Load the predictor (no mirroring) and find the dataset's preprocessed unlabelled folder."""
-    from nnfiltermatch.inference import checkpoint_files, load_checkpoint_safely, load_predictor, read_model_folder
+    from nnfiltermatch.inference import load_predictor
     from nnfiltermatch.preparation import (
         MANIFEST_NAME,
         preprocessed_root,
@@ -328,7 +311,7 @@ def load_query_model(
     first = load_checkpoint_safely(files[0][1])
     first.pop("network_weights", None)
     first.pop("optimizer_state", None)
-    state = (first.get("init_args") or {}).get(STATE_KEY) or {}
+    state = trainer_state(first)
     if step_size is None:
         step_size = float((state.get("config") or {}).get("filter_tile_step", DEFAULT_STEP_SIZE))
     predictor = load_predictor(
@@ -1192,7 +1175,7 @@ def export_settings(
         "model_round": round_of_model_dir(model.model_dir),
         "folds": [str(f) for f in model.folds],
         "checkpoint": model.checkpoint_paths[0].name,
-        "mode": str(((init_args.get(STATE_KEY) or {}).get("config") or {}).get("mode") or "filtermatch"),
+        "mode": str((trainer_state(model.checkpoint).get("config") or {}).get("mode") or "filtermatch"),
         "configuration": str(init_args.get("configuration") or (parts[2] if parts else "")),
         "plans": parts[1] if parts else None,
         "next_round": next_round(model.dataset_name, model.model_dir),

@@ -11,6 +11,14 @@ from typing import Any
 import matplotlib
 
 from nnfiltermatch.files import atomic_write_bytes, atomic_write_text
+from nnfiltermatch.runs import (
+    LATEST_QUERY,
+    collect_filter_rounds,
+    current_checkpoint,
+    load_checkpoint_safely,
+    resolve_fold_dir,
+    trainer_state,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,42 +58,12 @@ def plot_ssl_progress(logging: dict[str, list[Any]], output_folder: Path) -> Pat
 
 # ----- the HTML report --------------------------------------------------------------------------------------------
 REPORT_NAME = "report.html"
-CHECKPOINT_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 _NOT_EVALUATIONS = {"plans.json", "dataset.json", "dataset_fingerprint.json", "nnfiltermatch_config.json", "debug.json"}
 _COLOURS = {"kept": "#1f77b4", "dropped": "#ff7f0e", "cut": "#d62728"}
 
 
 class ReportError(ValueError):
     """The report cannot be built; the message names the folder or file and what is missing."""
-
-
-def resolve_fold_dir(model_dir: Path, fold: str | int | None = None) -> Path:
-    """A fold folder (``fold_X`` with a checkpoint) from either that folder or the model folder above it."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ReportError(f"{model_dir} does not exist: give a trained model folder or one of its fold_X folders")
-    if _checkpoint_in(model_dir) is not None and fold is None:
-        return model_dir
-    folds = sorted(p for p in model_dir.glob("fold_*") if p.is_dir() and _checkpoint_in(p) is not None)
-    if fold is not None:
-        wanted = model_dir / f"fold_{fold}"
-        if wanted in folds:
-            return wanted
-        raise ReportError(
-            f"{wanted} has no checkpoint (found: {', '.join(p.name for p in folds) or 'no trained fold'})"
-        )
-    if len(folds) == 1:
-        return folds[0]
-    if not folds:
-        raise ReportError(
-            f"{model_dir}: no checkpoint_final/latest/best.pth in it or in fold_X/ below it: not a trained model "
-            "folder (give $nnUNet_results/DatasetXXX/<Trainer>__<Plans>__<configuration>, or train first)"
-        )
-    raise ReportError(f"{model_dir} holds {', '.join(p.name for p in folds)}: choose one with -f")
-
-
-def _checkpoint_in(folder: Path) -> Path | None:
-    return next((folder / n for n in CHECKPOINT_ORDER if (folder / n).is_file()), None)
 
 
 def _figure_png(fig: Any) -> str:
@@ -317,11 +295,9 @@ def _last_finite(values: list[float]) -> tuple[float, int] | None:
 def model_scores(fold_dir: Path, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
     """A round model's numbers: validation pseudo-Dice (the moving average at its last epoch) and, when there is
     one, a real Dice: an ``evaluate -o`` summary in the folder first, else nnU-Net's final validation summary."""
-    from nnfiltermatch.inference import load_checkpoint_safely
-
     scores: dict[str, Any] = {"pseudo_dice": None, "epoch": None, "dice": None, "dice_source": None, "note": ""}
     if checkpoint is None:
-        path = _checkpoint_in(fold_dir) if fold_dir.is_dir() else None
+        path = current_checkpoint(fold_dir) if fold_dir.is_dir() else None
         if path is None:
             scores["note"] = "no checkpoint (folder missing or not trained)"
             return scores
@@ -468,8 +444,6 @@ QUERY_TOP = 10  # cases of the ranking shown; the CSV has them all
 def find_latest_query(model_dir: Path) -> tuple[dict[str, Any], Path] | None:
     """The latest query of this model: what ``query_latest.json`` records (where its CSV went, its settings), else
     the newest ``query_ranking_<strategy>.csv`` in the model folder (a query of an older version). None: no query."""
-    from nnfiltermatch.query import LATEST_QUERY
-
     pointer = model_dir / LATEST_QUERY
     if pointer.is_file():
         try:
@@ -729,19 +703,17 @@ def build_report(
     import html
     import time
 
-    from nnfiltermatch.inference import load_checkpoint_safely
-
     fold_dir = resolve_fold_dir(model_dir, fold)
-    checkpoint_path = _checkpoint_in(fold_dir)
+    checkpoint_path = current_checkpoint(fold_dir)
     assert checkpoint_path is not None
     checkpoint = load_checkpoint_safely(checkpoint_path)
     logging: dict[str, list[Any]] = checkpoint.get("logging") or {}
-    state = (checkpoint.get("init_args") or {}).get("nnfiltermatch_state") or {}
+    state = trainer_state(checkpoint)
     config_file = fold_dir / "nnfiltermatch_config.json"
     config: dict[str, Any] = (
         json.loads(config_file.read_text()) if config_file.is_file() else dict(state.get("config") or {})
     )
-    rounds = _rounds(fold_dir, state)
+    rounds = collect_filter_rounds(fold_dir, checkpoint)
     dataset_json_file = fold_dir.parent / "dataset.json"
     labels: dict[int, str] = {}
     if dataset_json_file.is_file():
@@ -890,15 +862,3 @@ def build_report(
         f"<nav>{nav}</nav>{content}</body></html>\n"
     )
     return atomic_write_text(Path(output) if output is not None else fold_dir / REPORT_NAME, page)
-
-
-def _rounds(fold_dir: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
-    """Filter rounds from the checkpoint, completed by the round files (a round after the last save is only there)."""
-    rounds = {int(r["epoch"]): dict(r) for r in state.get("filter_rounds") or []}
-    for path in sorted((fold_dir / "filter_rounds").glob("epoch_*.json")):
-        try:
-            record = json.loads(path.read_text())
-            rounds.setdefault(int(record["epoch"]), record)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return [rounds[e] for e in sorted(rounds)]

@@ -38,8 +38,13 @@ from tqdm import tqdm
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, resolve_config
 from nnfiltermatch.files import atomic_write_text
-from nnfiltermatch.inference import (
+from nnfiltermatch.preparation import PreparationError
+from nnfiltermatch.pseudo_labels import ema_update, every_class_segmented, pseudo_labels_for_scales, ramp_weight
+from nnfiltermatch.runs import (
     DIGEST_KEY,
+    FILTER_DIRNAME,
+    PSEUDO_LABEL_DIRNAME,
+    RESUME_ORDER,
     STATE_KEY,
     CheckpointError,
     describe_epoch,
@@ -49,8 +54,6 @@ from nnfiltermatch.inference import (
     usable_checkpoints_beside,
     weights_digests,
 )
-from nnfiltermatch.preparation import PreparationError
-from nnfiltermatch.pseudo_labels import ema_update, every_class_segmented, pseudo_labels_for_scales, ramp_weight
 from nnfiltermatch.uncertainty import reduce_case_score, select_cases_to_drop, voxel_entropy
 from nnfiltermatch.unlabeled import (
     OwnRandomStream,
@@ -63,14 +66,10 @@ from nnfiltermatch.unlabeled import (
 from nnfiltermatch.views import cutmix, cutout, paste_boxes, sample_geometric_transform, strong_intensity
 
 SSL_LOG_KEYS = ("sup_losses", "unsup_losses", "confident_fraction", "unsup_weight", "pool_size")
-FILTER_DIRNAME = "filter_rounds"
-PSEUDO_LABEL_DIRNAME = "pseudo_labels"
 # Why 5, not 1: under CUDA mixed precision nnU-Net's GradScaler skips a step whose fp16 values overflowed and lowers
 # its scale, so a lone non-finite loss can pass harmlessly; five in a row means the weights themselves are gone.
 # (Without a scaler, on CPU, the first one already spoils them; the save guard keeps them off disk meanwhile.)
 MAX_NON_FINITE_STEPS = 5
-# the order in which `train --continue` looks for a checkpoint to resume from
-RESUME_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 # the random streams of a training epoch, each seeded at the start of every epoch (nnFilterMatchTrainer.seed_epoch)
 RANDOM_STREAMS = ("augmentation", "unlabelled", "views")
 
@@ -608,7 +607,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         }
 
     def live_weight_sets(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The weight sets a checkpoint stores, as ``inference.checkpoint_weight_sets`` reads them back."""
+        """The weight sets a checkpoint stores, as ``runs.checkpoint_weight_sets`` reads them back."""
         sets = {"network_weights": self.plain_network().state_dict()}
         if self.teacher is not None:
             sets["teacher"] = self.teacher.state_dict()
@@ -830,11 +829,3 @@ class nnFilterMatchTrainer_selftrain(nnFilterMatchTrainer):  # noqa: N801
         result = nnUNetTrainer.train_step(self, joint)
         self._epoch_stats.append({"sup": self.loss.last["sup"], "unsup": 0.0, "conf": float("nan"), "w": 1.0})
         return self.watch_loss(result)
-
-
-TRAINERS: dict[str, type[nnFilterMatchTrainer]] = {
-    "filtermatch": nnFilterMatchTrainer,
-    "ssl": nnFilterMatchTrainer_ssl,
-    "supervised": nnFilterMatchTrainer_supervised,
-    "selftrain": nnFilterMatchTrainer_selftrain,
-}

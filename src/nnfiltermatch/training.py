@@ -11,7 +11,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,11 +23,22 @@ from nnfiltermatch.preparation import (
     PreparationError,
     PreparedDataset,
     check_prepared_plans,
-    env_folder,
     load_prepared,
     preprocessed_root,
 )
-from nnfiltermatch.rounds import check_round_for_training, record_trained_model, trainer_folder_name
+from nnfiltermatch.rounds import check_round_for_training, record_trained_model
+from nnfiltermatch.runs import (
+    CHECKPOINTS,
+    FILTER_DIRNAME,
+    TRAINER_NAMES,
+    current_checkpoint,
+    load_checkpoint_safely,
+    output_folder_for,
+    trainer_state,
+)
+
+if TYPE_CHECKING:
+    from nnfiltermatch.trainer import nnFilterMatchTrainer
 
 
 @dataclass(frozen=True)
@@ -89,30 +100,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def parse_fold(fold: str) -> int | str:
-    if fold == "all":
-        return "all"
-    try:
-        return int(fold)
-    except ValueError as exc:
-        raise PreparationError(f"-f {fold!r}: give a fold number (0-4) or 'all'") from exc
+def trainer_class(mode: str) -> type[nnFilterMatchTrainer]:
+    """The trainer class that runs ``mode`` (``runs.TRAINER_NAMES`` names it)."""
+    # imported here: nnU-Net reads its environment at import, so only after configure_runtime has set it
+    from nnfiltermatch import trainer
 
-
-def output_folder_for(
-    dataset_name: str,
-    trainer_name: str,
-    plans_name: str,
-    configuration: str,
-    fold: int | str,
-    round_number: int | None = None,
-) -> Path:
-    """nnU-Net's results layout: <results>/<dataset>/<Trainer>__<Plans>__<config>/fold_<f>.
-
-    Annotation round K > 0 (``--round K``) names the trainer part ``<Trainer>_roundK``: nnU-Net's own tools find it
-    with ``-tr <Trainer>_roundK``; round 0 and no round are the plain folder.
-    """
-    trainer = trainer_folder_name(trainer_name, round_number)
-    return env_folder("nnUNet_results") / dataset_name / f"{trainer}__{plans_name}__{configuration}" / f"fold_{fold}"
+    return getattr(trainer, TRAINER_NAMES[mode])
 
 
 @contextmanager
@@ -156,19 +149,16 @@ def build_trainer(
     ``output_folder``: the fold folder to train into when it is not the one nnU-Net derives from the class name
     (an annotation round's); see :func:`redirect_output`.
     """
-    from nnfiltermatch.trainer import TRAINERS
-
     prepared = load_prepared(dataset_name)
     plans = json.loads((preprocessed_root(dataset_name) / f"{prepared.plans_name}.json").read_text())
     dataset_json = json.loads((preprocessed_root(dataset_name) / "dataset.json").read_text())
     plans[PLANS_KEY] = config.to_dict()
     plans["continue_training"] = continue_training
-    trainer_class = TRAINERS[config.mode]
     default = None
     if output_folder is not None:
-        default = output_folder_for(dataset_name, trainer_class.__name__, prepared.plans_name, configuration, fold)
+        default = output_folder_for(dataset_name, TRAINER_NAMES[config.mode], prepared.plans_name, configuration, fold)
         existed = [p for p in (default, default.parent) if p.exists()]
-    trainer = trainer_class(
+    trainer = trainer_class(config.mode)(
         plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device
     )
     if output_folder is not None and default is not None and Path(output_folder) != default:
@@ -273,8 +263,6 @@ def train(
 
 def _validation_checkpoint_file(out: Path, checkpoint: str, option: str) -> Path:
     """The checkpoint a validation reads (``final``/``best``); refused, naming the file, when it is not there."""
-    from nnfiltermatch.inference import CHECKPOINTS
-
     path = out / CHECKPOINTS[checkpoint]
     if path.is_file():
         return path
@@ -316,19 +304,13 @@ def validate_trained(
     if distributed.launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PreparationError(f"{option} runs in one process: start it without torchrun")
     torch_device = configure_runtime(device)  # before nnU-Net's configuration module reads the variables
-    from nnfiltermatch.trainer import TRAINERS
-
-    out = output_folder_for(
-        dataset_name, TRAINERS[mode].__name__, prepared.plans_name, configuration, fold, round_number
-    )
+    out = output_folder_for(dataset_name, TRAINER_NAMES[mode], prepared.plans_name, configuration, fold, round_number)
     path = _validation_checkpoint_file(out, checkpoint, option)
     stored = out / CONFIG_FILENAME
     if stored.is_file():
         config = TrainConfig.from_dict(json.loads(stored.read_text()))
     else:  # an older folder: the configuration rides in the checkpoint too
-        from nnfiltermatch.inference import STATE_KEY, load_checkpoint_safely
-
-        state = (load_checkpoint_safely(path).get("init_args") or {}).get(STATE_KEY) or {}
+        state = trainer_state(load_checkpoint_safely(path))
         if not state.get("config"):
             raise PreparationError(f"{option}: {path} was not written by nnfiltermatch (no configuration in it)")
         config = TrainConfig.from_dict(state["config"])
@@ -434,8 +416,6 @@ def _self_train(
     run: RunOptions,
 ) -> TrainResult:
     """``--mode selftrain``: the supervised run (reused when a finished one has the same options), then stage 2."""
-    from nnfiltermatch.trainer import TRAINERS
-
     supervised, stage2 = selftrain_stages(config)
     prepared = load_prepared(dataset_name)
     _require_unlabeled(prepared, config, dataset_name)  # before stage 1, not after it
@@ -443,10 +423,10 @@ def _self_train(
     if supervised.labeled_fraction is None:
         supervised.labeled_fraction = prepared.labeled_fraction
     sup_out = output_folder_for(
-        dataset_name, TRAINERS["supervised"].__name__, prepared.plans_name, configuration, fold, run.round_number
+        dataset_name, TRAINER_NAMES["supervised"], prepared.plans_name, configuration, fold, run.round_number
     )
     out = output_folder_for(
-        dataset_name, TRAINERS["selftrain"].__name__, prepared.plans_name, configuration, fold, run.round_number
+        dataset_name, TRAINER_NAMES["selftrain"], prepared.plans_name, configuration, fold, run.round_number
     )
     # both folders for the whole run: stage 2 reads stage 1's weights, and a busy stage 2 is refused before stage 1
     with model_folder_lock([sup_out, out], f"train --mode {config.mode}"):
@@ -526,8 +506,6 @@ def _train(
     config: TrainConfig,
     run: RunOptions,
 ) -> TrainResult:
-    from nnfiltermatch.trainer import TRAINERS
-
     prepared = load_prepared(dataset_name)
     if configuration not in prepared.configurations:
         plans = json.loads((preprocessed_root(dataset_name) / f"{prepared.plans_name}.json").read_text())
@@ -548,9 +526,8 @@ def _train(
     if config.labeled_fraction is None:
         config.labeled_fraction = prepared.labeled_fraction
     record_labelled_cases(config, prepared)
-    trainer_class = TRAINERS[config.mode]
     out = output_folder_for(
-        dataset_name, trainer_class.__name__, prepared.plans_name, configuration, fold, run.round_number
+        dataset_name, TRAINER_NAMES[config.mode], prepared.plans_name, configuration, fold, run.round_number
     )
     with model_folder_lock([out], f"train --mode {config.mode}"):  # the checks below and the training, as one
         return _train_into(out, dataset_name, configuration, fold, config, run)
@@ -575,7 +552,7 @@ def _train_into(
                 child.suffix in (".pth", ".png", ".json", ".txt") or child.name.endswith(".partial")
             ):
                 child.unlink()
-        filter_dir = out / "filter_rounds"
+        filter_dir = out / FILTER_DIRNAME
         if filter_dir.is_dir():
             for child in filter_dir.iterdir():
                 child.unlink()
@@ -631,9 +608,7 @@ def _run_trainer(
         output_folder=out,
     )
     if run.continue_training:
-        from nnfiltermatch.trainer import RESUME_ORDER
-
-        checkpoint = next((out / n for n in RESUME_ORDER if (out / n).is_file()), None)
+        checkpoint = current_checkpoint(out)
         if checkpoint is None:
             print(f"--continue: no checkpoint in {out}, starting a new training")
         else:

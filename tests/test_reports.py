@@ -15,7 +15,7 @@ import pytest
 
 from conftest import CONFIG, DATASET, LABELED, REPO
 from nnfiltermatch.cli import main
-from nnfiltermatch.metrics import CaseRow, EvaluationResult
+from nnfiltermatch.evaluation_result import CaseRow, EvaluationResult
 from nnfiltermatch.query import LATEST_QUERY
 from nnfiltermatch.reports import (
     ReportError,

@@ -451,7 +451,11 @@ TRAIN_OPTION_NAMES = (
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from nnfiltermatch.preparation import PreparationError, add_labels, dataset_name_from_id, load_prepared, prepare
+    from nnfiltermatch.add_labels import add_labels
+    from nnfiltermatch.errors import PreparationError
+    from nnfiltermatch.layout import dataset_name_from_id
+    from nnfiltermatch.manifest import load_prepared
+    from nnfiltermatch.preparation import prepare
     from nnfiltermatch.rounds import rounds_path
 
     if args.query_export is not None and args.add_labels is None:
@@ -512,7 +516,8 @@ def _rounds_or_none(dataset_name: str) -> dict[str, Any] | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from nnfiltermatch.config import resolve_config
-    from nnfiltermatch.preparation import dataset_name_from_id, load_prepared
+    from nnfiltermatch.layout import dataset_name_from_id
+    from nnfiltermatch.manifest import load_prepared
     from nnfiltermatch.rounds import rounds_path
     from nnfiltermatch.training import parse_fold, train
 
@@ -558,7 +563,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _check_validation_options(args: argparse.Namespace) -> None:
     """Combinations of the validation flags that cannot mean anything, refused before any work."""
-    from nnfiltermatch.preparation import PreparationError
+    from nnfiltermatch.errors import PreparationError
 
     if args.no_final_validation:
         given = [f for f, on in (("--val", args.validation_only), ("--npz", args.save_probabilities)) if on]
@@ -621,7 +626,7 @@ def _validate_only(args: argparse.Namespace, dataset_name: str) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from nnfiltermatch.metrics import evaluate_folders
+    from nnfiltermatch.evaluation import evaluate_folders
 
     result = evaluate_folders(
         args.ref,
@@ -676,7 +681,10 @@ def _model_dir_from_args(args: argparse.Namespace, error: type[ValueError]) -> P
 
 def _prepared_plans(dataset: str) -> str:
     """The plans ``dataset`` was prepared with (so a ResEnc preparation needs no -p), else nnU-Net's default."""
-    from nnfiltermatch.preparation import DEFAULT_PLANS, PreparationError, dataset_name_from_id, load_prepared
+    from nnfiltermatch.errors import PreparationError
+    from nnfiltermatch.layout import dataset_name_from_id
+    from nnfiltermatch.manifest import load_prepared
+    from nnfiltermatch.planners import DEFAULT_PLANS
 
     try:
         return load_prepared(dataset_name_from_id(dataset)).plans_name
@@ -705,7 +713,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from nnfiltermatch.converters import convert_acdc_h5, convert_la_h5
+    from nnfiltermatch.converters_acdc import convert_acdc_h5
+    from nnfiltermatch.converters_la import convert_la_h5
 
     common = {"dataset_id": args.dataset, "name": args.name, "spacing": args.spacing, "overwrite": args.overwrite}
     if args.format == "la-h5":
@@ -969,9 +978,8 @@ def check_outputs_writable(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from nnfiltermatch.inventory import DataValidationError
-    from nnfiltermatch.metrics import EvaluationError
-    from nnfiltermatch.preparation import PreparationError
+    from nnfiltermatch.errors import DataValidationError, PreparationError
+    from nnfiltermatch.evaluation import EvaluationError
 
     try:
         check_outputs_writable(args)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, resolve_config
+from nnfiltermatch.errors import PreparationError
 from nnfiltermatch.files import atomic_write_text
 from nnfiltermatch.inference import (
     DIGEST_KEY,
@@ -49,7 +50,6 @@ from nnfiltermatch.inference import (
     usable_checkpoints_beside,
     weights_digests,
 )
-from nnfiltermatch.preparation import PreparationError
 from nnfiltermatch.pseudo_labels import ema_update, every_class_segmented, pseudo_labels_for_scales, ramp_weight
 from nnfiltermatch.uncertainty import reduce_case_score, select_cases_to_drop, voxel_entropy
 from nnfiltermatch.unlabeled import (

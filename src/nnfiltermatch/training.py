@@ -17,15 +17,10 @@ import torch
 
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig
+from nnfiltermatch.errors import PreparationError
+from nnfiltermatch.layout import env_folder, preprocessed_root
 from nnfiltermatch.locks import LOCK_NAME, LockError, run_lock
-from nnfiltermatch.preparation import (
-    PreparationError,
-    PreparedDataset,
-    check_prepared_plans,
-    env_folder,
-    load_prepared,
-    preprocessed_root,
-)
+from nnfiltermatch.manifest import PreparedDataset, check_prepared_plans, load_prepared
 from nnfiltermatch.rounds import check_round_for_training, record_trained_model, trainer_folder_name
 
 

@@ -497,17 +497,19 @@ def _require_unlabeled(prepared: PreparedDataset, config: TrainConfig, dataset_n
 def _check_and_join_group(device: str, num_processes: int, backend: str | None) -> bool:
     """Refuse impossible multi-process requests before any work; join torchrun's group. True: we created it."""
     if num_processes < 1:
-        raise PreparationError(f"--num-gpus {num_processes}: give 1 or more")
+        raise distributed.DistributedSetupError(f"--num-gpus {num_processes}: give 1 or more")
     launched = distributed.launched_by_torchrun()
     if launched and num_processes not in (1, int(os.environ["WORLD_SIZE"])):
-        raise PreparationError(
+        raise distributed.DistributedSetupError(
             f"--num-gpus {num_processes} under torchrun with {os.environ['WORLD_SIZE']} processes: torchrun decides "
             "the number of processes (--nproc-per-node); leave --num-gpus out"
         )
     if launched or num_processes > 1:
         distributed.check_backend(device, backend)
     if not launched and num_processes > 1 and device == "cuda" and num_processes > torch.cuda.device_count():
-        raise PreparationError(f"--num-gpus {num_processes}: only {torch.cuda.device_count()} GPUs are visible")
+        raise distributed.DistributedSetupError(
+            f"--num-gpus {num_processes}: only {torch.cuda.device_count()} GPUs are visible"
+        )
     return distributed.init_from_env(device, backend)
 
 

@@ -26,7 +26,7 @@ import torch
 
 from nnfiltermatch.config import resolve_config
 from nnfiltermatch.files import atomic_write_text
-from nnfiltermatch.preparation import dataset_name_from_id
+from nnfiltermatch.layout import dataset_name_from_id
 from nnfiltermatch.training import configure_runtime
 
 # ssl twins: "never" waits for a pseudo-Dice no model reaches; "from epoch 1" starts right after one warm-up epoch

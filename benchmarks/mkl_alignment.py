@@ -41,8 +41,8 @@ def main() -> None:
     from determinism import weights_digest
 
     from nnfiltermatch.config import resolve_config
+    from nnfiltermatch.evaluation import evaluate_folders
     from nnfiltermatch.inference import predict_folder
-    from nnfiltermatch.metrics import evaluate_folders
     from nnfiltermatch.runs import load_checkpoint_safely
     from nnfiltermatch.training import train
 

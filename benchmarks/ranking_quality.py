@@ -100,7 +100,7 @@ def evaluate(
     from scipy.stats import spearmanr
     from tqdm import tqdm
 
-    from nnfiltermatch.preparation import env_folder
+    from nnfiltermatch.layout import env_folder
     from nnfiltermatch.query import REDUCTIONS, case_score, load_query_model, predict_case, uncertainty_map
 
     model = load_query_model(model_dir, None, checkpoint, device, step_size)

@@ -26,7 +26,7 @@ import torch
 
 from nnfiltermatch.config import resolve_config
 from nnfiltermatch.files import atomic_write_text
-from nnfiltermatch.preparation import dataset_name_from_id
+from nnfiltermatch.layout import dataset_name_from_id
 from nnfiltermatch.training import build_trainer, configure_runtime
 
 MODES = ("supervised", "ssl")

@@ -23,6 +23,21 @@ def shared_data_dir() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
+@pytest.fixture(scope="module")
+def hippo_files() -> list[Path]:
+    """Five real hippocampus label maps (labels 1 anterior, 2 posterior); skips where the data is absent."""
+    shared = shared_data_dir()
+    labels = shared / "hippocampus" / "labelsTr" if shared else None
+    if labels is None or not labels.is_dir():
+        pytest.skip(
+            "real hippocampus labels not found: expected ../shared/data/hippocampus/labelsTr next to the repo "
+            "or NNFM_SHARED_DATA pointing at a shared/data folder"
+        )
+    files = sorted(labels.glob("hippocampus_*.nii.gz"))[:5]
+    assert len(files) == 5
+    return files
+
+
 def set_nnunet_env(root: Path) -> dict[str, str]:
     env = {
         "nnUNet_raw": str(root / "raw"),
@@ -57,6 +72,15 @@ def nnunet_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield root
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    """Writable copy of the subset (training part only; imagesTs/labelsTs are ignored by the inventory anyway), for
+    the tests of the inventory, the image checks, labelled lists and dataset.json."""
+    dst = tmp_path / "Dataset901_HippocampusSubset"
+    shutil.copytree(SUBSET, dst, ignore=shutil.ignore_patterns("imagesTs", "labelsTs"))
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ import argparse
 
 import pytest
 
-from nnfiltermatch.cli import CHECKPOINT_FILES, build_parser
+from nnfiltermatch.cli import build_parser
+from nnfiltermatch.cli_model import CHECKPOINT_FILES
 
 TRAIN = ["train", "-d", "4", "-c", "3d_fullres", "-f", "0"]
 PREDICT = ["predict", "-i", "in", "-o", "out", "-m", "model"]

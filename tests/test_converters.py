@@ -18,10 +18,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnfiltermatch import converters
+from nnfiltermatch import converters, converters_la
 from nnfiltermatch.cli import main
-from nnfiltermatch.converters import ConversionError, convert_acdc_h5, convert_la_h5
-from nnfiltermatch.inventory import build_inventory, read_labeled_list
+from nnfiltermatch.converters import ConversionError
+from nnfiltermatch.converters_acdc import convert_acdc_h5
+from nnfiltermatch.converters_la import convert_la_h5
+from nnfiltermatch.inventory import build_inventory
+from nnfiltermatch.labeled_lists import read_labeled_list
 
 SHARED = Path(os.environ.get("NNFM_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 LA_TRAIN = 5  # > 4, so labeled_4 is written and labeled_8 is not
@@ -82,8 +85,8 @@ def la_small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list
     train, test = ids[:LA_TRAIN], ids[LA_TRAIN : LA_TRAIN + 1]
     src = tmp_path_factory.mktemp("la_src")
     for case in train + test:
-        (src / converters.LA_CASE_DIR).mkdir(exist_ok=True)
-        (src / converters.LA_CASE_DIR / case).symlink_to(real / converters.LA_CASE_DIR / case)
+        (src / converters_la.LA_CASE_DIR).mkdir(exist_ok=True)
+        (src / converters_la.LA_CASE_DIR / case).symlink_to(real / converters_la.LA_CASE_DIR / case)
     (src / "train.list").write_text("\n".join(train) + "\n")
     (src / "test.list").write_text("\n".join(test) + "\n")
     raw = tmp_path_factory.mktemp("la_raw")
@@ -116,7 +119,7 @@ def test_la_round_trip(la_small: tuple[Path, Path, list[str], list[str]]) -> Non
     for case, img_dir, lab_dir in [(c, "imagesTr", "labelsTr") for c in train] + [
         (c, "imagesTs", "labelsTs") for c in test
     ]:
-        image, label = read_h5(src / converters.LA_CASE_DIR / case / converters.LA_H5_NAME)
+        image, label = read_h5(src / converters_la.LA_CASE_DIR / case / converters_la.LA_H5_NAME)
         got_image, itk_image = read_nifti(out / img_dir / f"{case}_0000.nii.gz")
         got_label, itk_label = read_nifti(out / lab_dir / f"{case}.nii.gz")
         assert got_image.dtype == np.float32 and got_label.dtype == np.uint8
@@ -193,7 +196,7 @@ def la_case(src: Path, case: str, shape: tuple[int, ...] = (6, 5, 4), **kw: np.n
     rng = np.random.default_rng(sum(map(ord, case)))
     image = kw.get("image", rng.normal(size=shape).astype(np.float32))
     label = kw.get("label", (rng.random(shape) > 0.5).astype(np.uint8))
-    return write_h5(src / converters.LA_CASE_DIR / case / converters.LA_H5_NAME, image, label)
+    return write_h5(src / converters_la.LA_CASE_DIR / case / converters_la.LA_H5_NAME, image, label)
 
 
 def la_source(tmp_path: Path, cases: tuple[str, ...] = ("A1", "B2", "C3"), test: tuple[str, ...] = ()) -> Path:
@@ -365,7 +368,7 @@ def test_la_h5_content_errors(tmp_path: Path, raw: Path, kw: dict, match: str) -
 
 def test_la_not_hdf5_and_missing_entries(tmp_path: Path, raw: Path) -> None:
     src = la_source(tmp_path, test=("T1",))
-    (src / converters.LA_CASE_DIR / "A1" / converters.LA_H5_NAME).write_bytes(b"not an h5 file")
+    (src / converters_la.LA_CASE_DIR / "A1" / converters_la.LA_H5_NAME).write_bytes(b"not an h5 file")
     expect_error(raw, convert_la_h5, src, match=r"A1/mri_norm2\.h5 cannot be read as HDF5")
     (src / "test.list").write_text("T1\nGONE\n")
     expect_error(

@@ -25,19 +25,15 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIG, DATASET, LABELED, SUBSET, set_nnunet_env
-from nnfiltermatch import install_journal, preparation
+from nnfiltermatch import install, install_journal, preparation
+from nnfiltermatch.add_labels import add_labels
+from nnfiltermatch.errors import PreparationError
+from nnfiltermatch.install import PREPARE_STAGING_NAME, PREPARE_TRASH_NAME, UNRECOVERABLE_SUFFIX
 from nnfiltermatch.install_journal import JOURNAL_NAME
+from nnfiltermatch.layout import LABELED_LIST_NAME, MANIFEST_NAME
 from nnfiltermatch.locks import LOCK_NAME
-from nnfiltermatch.preparation import (
-    LABELED_LIST_NAME,
-    MANIFEST_NAME,
-    PREPARE_STAGING_NAME,
-    PREPARE_TRASH_NAME,
-    UNRECOVERABLE_SUFFIX,
-    PreparationError,
-    load_prepared,
-    prepare,
-)
+from nnfiltermatch.manifest import load_prepared
+from nnfiltermatch.preparation import prepare
 
 NEW_LABELED = LABELED[:3]
 
@@ -82,7 +78,7 @@ def installs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installs]:
         (out / "splits_final.json").write_text("[]\n")  # as training leaves it: the install sets it aside
         old = _tree(out)
         snapshot, args = root / "snapshot", root / "install_args.pkl"
-        real = preparation._install
+        real = preparation.install_preparation
         renames: list[tuple[Path, Path]] = []
 
         def snapshot_install(*a, **kw):
@@ -95,7 +91,7 @@ def installs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installs]:
             os.replace(source, target)
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(preparation, "_install", snapshot_install)
+            mp.setattr(preparation, "install_preparation", snapshot_install)
             mp.setattr(install_journal, "rename", counting)
             prepare(DATASET, [CONFIG], labeled_list=root / "new.txt", num_processes=1)
         new = _tree(out)
@@ -131,8 +127,8 @@ def _raise_replanned(*args, **kwargs):
 def _run_install(env: Installs) -> None:
     """The interrupted run's install, as prepare does it: under the dataset's lock, from the snapshot's arguments."""
     a, kw = pickle.loads(env.args.read_bytes())
-    with preparation.dataset_lock(env.out, f"prepare {DATASET}"):
-        preparation._install(*a, **kw)
+    with install.dataset_lock(env.out, f"prepare {DATASET}"):
+        install.install_preparation(*a, **kw)
 
 
 def _killed_child(env: Installs, prepare_child: Callable[[], None]) -> None:
@@ -219,7 +215,7 @@ def test_an_exception_at_each_rename_undoes_the_install(
     monkeypatch.undo()
     assert not (env.out / JOURNAL_NAME).exists()
     assert _tree(env.out) == {**before, PREPARE_TRASH_NAME: "dir", f".{MANIFEST_NAME}.new": env.new[MANIFEST_NAME]}
-    preparation._remove_leftovers(env.out)  # what prepare's failure path does next
+    install.remove_leftovers(env.out)  # what prepare's failure path does next
     assert _tree(env.out) == env.old
     if k in (0, 10, 15):
         assert "nothing to do" in _prepare_says("old", env, capsys, replans=False)
@@ -268,7 +264,7 @@ def test_killed_while_writing_the_journal(installs: Installs, capsys: pytest.Cap
 _SIGKILL_SCRIPT = """
 import os, pickle, sys, time
 from pathlib import Path
-from nnfiltermatch import install_journal, preparation
+from nnfiltermatch import install, install_journal
 
 out, args, marker, k = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 calls = [0]
@@ -280,8 +276,8 @@ def rename(source, target):
     os.replace(source, target)
 install_journal.rename = rename
 a, kw = pickle.loads(args.read_bytes())
-with preparation.dataset_lock(out, "prepare " + out.name):
-    preparation._install(*a, **kw)
+with install.dataset_lock(out, "prepare " + out.name):
+    install.install_preparation(*a, **kw)
 """
 
 
@@ -354,7 +350,7 @@ def test_a_half_install_without_journal_is_not_taken_for_complete(
     env.restore()
     _killed_child(env, _exit_after(k))
     (env.out / JOURNAL_NAME).unlink()
-    preparation._remove_leftovers(env.out)
+    install.remove_leftovers(env.out)
     said = _prepare_says("old", env, capsys, replans=True)
     assert "do not match its manifest" in said and "nothing to do" not in said
     expected = "dataset_fingerprint.json is not the one planned with" if k == 5 else f"{LABELED_LIST_NAME} is missing"
@@ -370,7 +366,7 @@ def test_add_labels_finishes_an_interrupted_install_first(
     _killed_child(env, _exit_after(12))
     (tmp_path / "labels").mkdir()
     with pytest.raises(PreparationError, match="no CASE.nii.gz label files"):
-        preparation.add_labels(DATASET, tmp_path / "labels")
+        add_labels(DATASET, tmp_path / "labels")
     assert "after 12 of its 16 renames" in capsys.readouterr().err
     assert _tree(env.out) == env.new
 
@@ -385,8 +381,8 @@ def test_a_reader_waits_for_a_running_install_and_refuses_a_held_one(
     _killed_child(env, _exit_after(3))
     lock = env.out / LOCK_NAME
     lock.unlink()
-    monkeypatch.setattr(preparation, "RECOVERY_WAIT_SECONDS", 0.5)
-    with preparation.dataset_lock(env.out, "prepare that is installing"):
+    monkeypatch.setattr(install, "RECOVERY_WAIT_SECONDS", 0.5)
+    with install.dataset_lock(env.out, "prepare that is installing"):
         child = os.fork()
         if child == 0:
             try:

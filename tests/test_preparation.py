@@ -7,10 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,19 +15,9 @@ import pytest
 
 from conftest import CONFIG, DATASET, LABELED, SUBSET, set_nnunet_env
 from nnfiltermatch.cli import main
-from nnfiltermatch.inventory import DataValidationError
-from nnfiltermatch.preparation import (
-    LABELED_LIST_NAME,
-    MANIFEST_NAME,
-    PreparationError,
-    _current_digest,
-    _workers_die_with_us,
-    add_cpu_configuration,
-    add_labels,
-    dataset_name_from_id,
-    load_prepared,
-    prepare,
-)
+from nnfiltermatch.layout import LABELED_LIST_NAME, MANIFEST_NAME
+from nnfiltermatch.manifest import current_digest, load_prepared
+from nnfiltermatch.preparation import prepare
 
 
 def test_plans_and_data_come_from_labelled_cases_only(prepared: Path) -> None:
@@ -66,42 +52,7 @@ def test_second_prepare_does_no_work(prepared: Path, capsys: pytest.CaptureFixtu
     assert "nothing to do" in capsys.readouterr().out
 
 
-def test_dataset_id_resolution(prepared: Path) -> None:
-    assert dataset_name_from_id(901) == DATASET
-    assert dataset_name_from_id("901") == DATASET
-    with pytest.raises(PreparationError, match="Dataset999_"):
-        dataset_name_from_id(999)
-
-
-def test_cpu_configuration_keeps_patch_divisible() -> None:
-    plans = {
-        "configurations": {
-            "2d": {
-                "patch_size": [56, 40],
-                "batch_size": 366,
-                "architecture": {
-                    "arch_kwargs": {
-                        "n_stages": 4,
-                        "features_per_stage": [32, 64, 128, 256],
-                        "strides": [[1, 1], [2, 2], [2, 2], [2, 2]],
-                        "kernel_sizes": [[3, 3]] * 4,
-                        "n_conv_per_stage": [2] * 4,
-                        "n_conv_per_stage_decoder": [2] * 3,
-                    }
-                },
-            }
-        }
-    }
-    name = add_cpu_configuration(plans, "2d")
-    cpu = plans["configurations"][name]
-    kwargs = cpu["architecture"]["arch_kwargs"]
-    assert name == "2d_cpu" and kwargs["n_stages"] == 3 and kwargs["features_per_stage"] == [8, 16, 32]
-    assert all(p % 4 == 0 for p in cpu["patch_size"]) and cpu["patch_size"] == [28, 20]
-    assert len(kwargs["n_conv_per_stage_decoder"]) == 2
-
-
 def test_labeled_fraction_is_reproducible(tmp_path: Path) -> None:
-    from conftest import SUBSET
 
     saved = dict(os.environ)
     try:
@@ -113,7 +64,7 @@ def test_labeled_fraction_is_reproducible(tmp_path: Path) -> None:
         listed = (tmp_path / "preprocessed" / DATASET / LABELED_LIST_NAME).read_text()
         ids = [line for line in listed.splitlines() if line and not line.startswith("#")]
         assert len(ids) == 4
-        from nnfiltermatch.inventory import sample_labeled_ids
+        from nnfiltermatch.labeled_lists import sample_labeled_ids
         from nnfiltermatch.preparation import training_case_ids
 
         assert ids == sample_labeled_ids(training_case_ids(tmp_path / "raw" / DATASET), 0.1, 3)
@@ -168,7 +119,7 @@ def prepared_copy(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     shutil.copy(prepared / "labeled.txt", root / "labeled.txt")
     manifest_file = root / "preprocessed" / DATASET / MANIFEST_NAME
     manifest = json.loads(manifest_file.read_text())
-    manifest["inputs_digest"], _, _ = _current_digest(root / "raw" / DATASET, manifest["labeled_ids"], "nnUNetPlans")
+    manifest["inputs_digest"], _, _ = current_digest(root / "raw" / DATASET, manifest["labeled_ids"], "nnUNetPlans")
     manifest_file.write_text(json.dumps(manifest, indent=2))
     return root
 
@@ -311,136 +262,5 @@ def test_new_timestamps_alone_are_not_a_change(prepared_copy: Path, capsys: pyte
     changed = sitk.GetImageFromArray(arr)
     changed.CopyInformation(original)
     sitk.WriteImage(changed, str(label))
-    digest, _, _ = _current_digest(raw, manifest["labeled_ids"], "nnUNetPlans", manifest["file_records"])
+    digest, _, _ = current_digest(raw, manifest["labeled_ids"], "nnUNetPlans", manifest["file_records"])
     assert digest != manifest["inputs_digest"]
-
-
-# ----- issue 14 s.6: messages that mislead, and workers that outlive a killed prepare --------------------------------
-def test_unset_nnunet_variables_are_named_as_unset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Not "looked in nnUNet_raw=None": the message says which variable is not set and how to set it."""
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(PreparationError) as exc:
-        dataset_name_from_id(901)
-    msg = str(exc.value)
-    assert "=None" not in msg and "none of the environment variables nnUNet_raw" in msg
-    assert "export nnUNet_raw=" in msg and "setting_up_paths.md" in msg
-
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "gone"))
-    with pytest.raises(PreparationError) as exc:
-        dataset_name_from_id(901)
-    msg = str(exc.value)
-    assert "=None" not in msg
-    assert (
-        f"looked in nnUNet_raw={tmp_path}, nnUNet_preprocessed (not set), nnUNet_results={tmp_path / 'gone'} (missing)"
-        in msg
-    )
-    assert "nnUNet_preprocessed is not set: export" in msg and "export nnUNet_preprocessed=" in msg
-
-
-def test_add_labels_names_a_dangling_link(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A label link that leads nowhere is not skipped as "not a file": it is named (checked before any work)."""
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
-    shutil.copytree(SUBSET, tmp_path / "raw" / DATASET, ignore=shutil.ignore_patterns("imagesTs", "labelsTs"))
-    manifest = {"plans_name": "nnUNetPlans", "labeled_ids": LABELED, "unlabeled_ids": ["hippocampus_007"]}
-    (tmp_path / "preprocessed" / DATASET).mkdir(parents=True)
-    (tmp_path / "preprocessed" / DATASET / MANIFEST_NAME).write_text(json.dumps(manifest))
-    new = tmp_path / "annotated"
-    new.mkdir()
-    (new / "hippocampus_007.nii.gz").symlink_to(tmp_path / "unmounted" / "hippocampus_007.nii.gz")
-    with pytest.raises(DataValidationError) as exc:
-        add_labels(DATASET, new)
-    msg = str(exc.value)
-    assert "hippocampus_007.nii.gz is a symbolic link to" in msg and "which does not exist" in msg
-    assert "no CASE.nii.gz label files" not in msg
-
-
-_KILL_SCRIPT = """
-import multiprocessing, os, sys, time, types
-from pathlib import Path
-
-from nnfiltermatch import preparation
-
-
-def job(path):
-    Path(path).write_text(str(os.getpid()))
-    time.sleep(120)
-
-
-if __name__ == "__main__":
-    out = Path(sys.argv[2])
-    jobs = [(str(out / f"worker{i}"),) for i in range(2)]
-    if sys.argv[1] == "executor":  # prepare's own pool (preprocessing)
-        preparation._run_parallel(job, jobs, 2, "test")
-    else:  # a pool as nnU-Net's fingerprint extractor makes it, inside the guard prepare puts around it
-        module = types.SimpleNamespace(multiprocessing=multiprocessing)
-        with preparation._workers_die_with_us(module):
-            with module.multiprocessing.get_context("spawn").Pool(2) as pool:
-                pool.starmap(job, jobs)
-"""
-
-
-def _children(pid: int) -> dict[int, str]:
-    """{pid: command line} of the live processes whose parent is ``pid``."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # zombies are dead
-    except (OSError, IndexError):
-        return False
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
-@pytest.mark.parametrize("pool", ["executor", "nnunet_pool"])
-def test_workers_die_with_a_killed_prepare(pool: str, tmp_path: Path) -> None:
-    """SIGKILL of prepare used to leave its spawn workers and multiprocessing's resource tracker running (parent 1)."""
-    script = tmp_path / "kill_me.py"
-    script.write_text(_KILL_SCRIPT)
-    parent = subprocess.Popen([sys.executable, str(script), pool, str(tmp_path)], stderr=subprocess.DEVNULL)
-    started: dict[int, str] = {}
-    try:
-        deadline = time.monotonic() + 25
-        while not all((tmp_path / f"worker{i}").is_file() for i in range(2)):
-            assert parent.poll() is None and time.monotonic() < deadline, "the workers did not start"
-            time.sleep(0.1)
-        time.sleep(0.2)  # both files are written: the workers sleep in their job
-        started = _children(parent.pid)
-        workers = {int((tmp_path / f"worker{i}").read_text()) for i in range(2)}
-        assert workers <= set(started)
-        assert any("resource_tracker" in cmd for cmd in started.values()), started
-        parent.send_signal(signal.SIGKILL)
-        parent.wait()
-        deadline = time.monotonic() + 10
-        while any(_alive(p) for p in started) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [cmd for p, cmd in started.items() if _alive(p)], "processes outlived the killed prepare"
-    finally:
-        parent.kill()
-        for pid in started:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-def test_the_fingerprint_pool_is_guarded() -> None:
-    """The guard patches the module attribute nnU-Net's fingerprint extractor really uses (fails if nnU-Net changes)."""
-    import multiprocessing
-
-    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
-
-    assert fingerprint_extractor.multiprocessing is multiprocessing
-    with _workers_die_with_us(fingerprint_extractor):
-        context = fingerprint_extractor.multiprocessing.get_context("spawn")
-        assert context.Process is multiprocessing.get_context("spawn").Process and hasattr(context, "Pool")
-    assert fingerprint_extractor.multiprocessing is multiprocessing

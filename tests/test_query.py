@@ -24,15 +24,12 @@ import pytest
 import torch
 
 from conftest import CONFIG, DATASET, LABELED, SUBSET
+from nnfiltermatch.add_labels import add_labels
 from nnfiltermatch.cli import main
-from nnfiltermatch.inventory import DataValidationError, build_inventory
-from nnfiltermatch.preparation import (
-    LABELED_LIST_NAME,
-    MANIFEST_NAME,
-    PreparationError,
-    _inputs_digest,
-    add_labels,
-)
+from nnfiltermatch.errors import DataValidationError, PreparationError
+from nnfiltermatch.inventory import build_inventory
+from nnfiltermatch.layout import LABELED_LIST_NAME, MANIFEST_NAME
+from nnfiltermatch.manifest import inputs_digest
 from nnfiltermatch.query import (
     EXPORT_FOLDERS,
     SCORE_TYPES,
@@ -103,7 +100,7 @@ def small_prepared_tree(prepared: Path, root: Path, n_unlabeled: int, to_unlabel
             (raw / "labelsTr" / f"{case}.nii.gz").unlink()
     (pre / "splits_final.json").unlink(missing_ok=True)
     inventory = build_inventory(raw, LABELED, check_contents=False, progress=False)
-    manifest.update(unlabeled_ids=inventory.unlabeled_ids, inputs_digest=_inputs_digest(inventory, "nnUNetPlans")[0])
+    manifest.update(unlabeled_ids=inventory.unlabeled_ids, inputs_digest=inputs_digest(inventory, "nnUNetPlans")[0])
     (pre / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return keep
 

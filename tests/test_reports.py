@@ -15,7 +15,7 @@ import pytest
 
 from conftest import CONFIG, DATASET, LABELED, REPO
 from nnfiltermatch.cli import main
-from nnfiltermatch.metrics import CaseRow, EvaluationResult
+from nnfiltermatch.evaluation_result import CaseRow, EvaluationResult
 from nnfiltermatch.reports import ReportError, build_report, filter_cut, plot_ssl_progress
 from nnfiltermatch.runs import LATEST_QUERY, RunFolderError
 from test_query import TRAINER_DIR, nnunet_env, run_cli_subprocess, tiny_model_in_own_tree

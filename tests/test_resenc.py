@@ -16,13 +16,9 @@ import torch
 
 from conftest import CONFIG, DATASET, LABELED, SUBSET
 from nnfiltermatch.cli import build_parser, main
-from nnfiltermatch.preparation import (
-    MANIFEST_NAME,
-    PLANNERS,
-    PreparationError,
-    planner_plans_name,
-    resolve_planner,
-)
+from nnfiltermatch.errors import PreparationError
+from nnfiltermatch.layout import MANIFEST_NAME
+from nnfiltermatch.planners import PLANNERS, planner_plans_name, resolve_planner
 from nnfiltermatch.runs import collect_filter_rounds
 from test_query import nnunet_env, run_cli_subprocess
 

@@ -17,7 +17,8 @@ import torch
 
 from conftest import CONFIG, DATASET
 from nnfiltermatch.config import CONFIG_FILENAME, resolve_config
-from nnfiltermatch.preparation import PreparationError, PreparedDataset, load_prepared
+from nnfiltermatch.errors import PreparationError
+from nnfiltermatch.manifest import PreparedDataset, load_prepared
 from nnfiltermatch.runs import FILTER_DIRNAME, STATE_KEY, output_folder_for
 from nnfiltermatch.trainer import nnFilterMatchTrainer
 from nnfiltermatch.training import finished_with, record_labelled_cases, train

@@ -17,7 +17,7 @@ import torch
 
 from conftest import CONFIG, DATASET, LABELED, SUBSET
 from nnfiltermatch.cli import main
-from nnfiltermatch.preparation import MANIFEST_NAME
+from nnfiltermatch.layout import MANIFEST_NAME
 from nnfiltermatch.rounds import (
     QUERY_SETTINGS_NAME,
     ROUNDS_NAME,

@@ -17,7 +17,7 @@ import torch
 
 from conftest import CONFIG, DATASET, overwrite_tensor_bytes
 from nnfiltermatch.config import CONFIG_FILENAME, TrainConfig, resolve_config
-from nnfiltermatch.preparation import PreparationError
+from nnfiltermatch.errors import PreparationError
 from nnfiltermatch.runs import STATE_KEY
 from nnfiltermatch.training import build_trainer, train
 

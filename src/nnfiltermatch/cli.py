@@ -97,9 +97,8 @@ def check_outputs_writable(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from nnfiltermatch.inventory import DataValidationError
-    from nnfiltermatch.metrics import EvaluationError
-    from nnfiltermatch.preparation import PreparationError
+    from nnfiltermatch.errors import DataValidationError, PreparationError
+    from nnfiltermatch.evaluation import EvaluationError
 
     try:
         check_outputs_writable(args)

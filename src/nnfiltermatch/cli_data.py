@@ -77,7 +77,11 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from nnfiltermatch.preparation import PreparationError, add_labels, dataset_name_from_id, load_prepared, prepare
+    from nnfiltermatch.add_labels import add_labels
+    from nnfiltermatch.errors import PreparationError
+    from nnfiltermatch.layout import dataset_name_from_id
+    from nnfiltermatch.manifest import load_prepared
+    from nnfiltermatch.preparation import prepare
     from nnfiltermatch.rounds import rounds_path
 
     if args.query_export is not None and args.add_labels is None:
@@ -156,7 +160,8 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from nnfiltermatch.converters import convert_acdc_h5, convert_la_h5
+    from nnfiltermatch.converters_acdc import convert_acdc_h5
+    from nnfiltermatch.converters_la import convert_la_h5
 
     common = {"dataset_id": args.dataset, "name": args.name, "spacing": args.spacing, "overwrite": args.overwrite}
     if args.format == "la-h5":
@@ -208,7 +213,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from nnfiltermatch.metrics import evaluate_folders
+    from nnfiltermatch.evaluation import evaluate_folders
 
     result = evaluate_folders(
         args.ref,

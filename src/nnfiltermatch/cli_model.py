@@ -69,7 +69,10 @@ def _model_dir_from_args(args: argparse.Namespace, error: type[ValueError]) -> P
 
 def _prepared_plans(dataset: str) -> str:
     """The plans ``dataset`` was prepared with (so a ResEnc preparation needs no -p), else nnU-Net's default."""
-    from nnfiltermatch.preparation import DEFAULT_PLANS, PreparationError, dataset_name_from_id, load_prepared
+    from nnfiltermatch.errors import PreparationError
+    from nnfiltermatch.layout import dataset_name_from_id
+    from nnfiltermatch.manifest import load_prepared
+    from nnfiltermatch.planners import DEFAULT_PLANS
 
     try:
         return load_prepared(dataset_name_from_id(dataset)).plans_name

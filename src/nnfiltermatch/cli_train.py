@@ -137,7 +137,8 @@ def _rounds_or_none(dataset_name: str) -> dict[str, Any] | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from nnfiltermatch.config import resolve_config
-    from nnfiltermatch.preparation import dataset_name_from_id, load_prepared
+    from nnfiltermatch.layout import dataset_name_from_id
+    from nnfiltermatch.manifest import load_prepared
     from nnfiltermatch.rounds import rounds_path
     from nnfiltermatch.runs import parse_fold
     from nnfiltermatch.training import train
@@ -184,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _check_validation_options(args: argparse.Namespace) -> None:
     """Combinations of the validation flags that cannot mean anything, refused before any work."""
-    from nnfiltermatch.preparation import PreparationError
+    from nnfiltermatch.errors import PreparationError
 
     if args.no_final_validation:
         given = [f for f, on in (("--val", args.validation_only), ("--npz", args.save_probabilities)) if on]

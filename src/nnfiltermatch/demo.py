@@ -68,8 +68,8 @@ def _copy_dataset(raw_root: Path) -> Path:
 
 def run_demo(out: Path, quick: bool = False, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
     """Run everything; returns the results dict that is also written to ``out/results.json``."""
+    from nnfiltermatch.evaluation import evaluate_folders
     from nnfiltermatch.inference import predict_folder
-    from nnfiltermatch.metrics import evaluate_folders
     from nnfiltermatch.preparation import prepare
     from nnfiltermatch.runs import FILTER_DIRNAME
     from nnfiltermatch.training import train

@@ -1,9 +1,10 @@
-"""Atomic file writes: a temporary file in the same folder, then ``os.replace``, so a crash or a reader never sees
-a half-written result."""
+"""Files: atomic writes (a temporary file in the same folder, then ``os.replace``, so a crash or a reader never sees
+a half-written result), content hashes, paths in messages, and the checks for a full disk or an unwritable folder."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import uuid
@@ -33,6 +34,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """UTF-8 text through ``atomic_write_bytes``."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def relative_posix(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
+    """``path`` relative to ``root`` with ``/`` separators, as messages name files; the whole path when it is not
+    under ``root``."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def disk_full_reason(exc: BaseException, folder: str | os.PathLike[str]) -> str | None:

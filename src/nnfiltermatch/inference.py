@@ -359,7 +359,7 @@ def collect_cases(input_dir: Path, dataset_json: dict[str, Any]) -> dict[str, li
 def check_input_images(input_dir: Path, cases: dict[str, list[Path]], dataset_json: dict[str, Any]) -> None:
     """The file checks prepare runs on training images, before any model is loaded: nnU-Net's reader zero-fills a
     truncated .nii.gz and turns NaN/inf into 0, so without them such an input is segmented without a word."""
-    from nnfiltermatch.inventory import check_image_files
+    from nnfiltermatch.image_checks import check_image_files
 
     files = [f for channel_files in cases.values() for f in channel_files]
     problems = check_image_files(files, Path(input_dir), dataset_json.get("file_ending", ".nii.gz"))
@@ -392,7 +392,7 @@ def case_outputs(output_dir: Path, case: str, ending: str, save_probabilities: b
 def _complete_output_problem(files: list[Path], output_dir: Path, ending: str) -> str | None:
     """Why a case's existing outputs are not a finished prediction (a file missing, or a segmentation that cannot
     be read: written by nnU-Net itself or an older version, which wrote in place); None when complete."""
-    from nnfiltermatch.inventory import check_image_files
+    from nnfiltermatch.image_checks import check_image_files
 
     missing = [p.name for p in files if not p.is_file()]
     if missing:

@@ -247,7 +247,7 @@ class QueryModel:
 
     def case_ids(self) -> list[str]:
         """The cases of the preprocessed unlabelled folder, as far as the prepare manifest lists them."""
-        from nnfiltermatch.preparation import MANIFEST_NAME, preprocessed_root
+        from nnfiltermatch.layout import MANIFEST_NAME, preprocessed_root
         from nnfiltermatch.unlabeled import UnlabeledDataset
 
         if not self.unlabeled_dir.is_dir():
@@ -298,12 +298,8 @@ def load_query_model(
 ) -> QueryModel:
     """Load the predictor (no mirroring) and find the dataset's preprocessed unlabelled folder."""
     from nnfiltermatch.inference import load_predictor
-    from nnfiltermatch.preparation import (
-        MANIFEST_NAME,
-        preprocessed_root,
-        recover_interrupted_install,
-        unlabeled_folder,
-    )
+    from nnfiltermatch.install import recover_interrupted_install
+    from nnfiltermatch.layout import MANIFEST_NAME, preprocessed_root, unlabeled_folder
 
     model_dir = Path(model_dir)
     plans, dataset_json = read_model_folder(model_dir)
@@ -1036,7 +1032,7 @@ def install_export(staging: Path, target: Path, overwrite: bool) -> Path:
 def raw_image_files(model: QueryModel, case_ids: Sequence[str]) -> dict[str, list[Path]]:
     """Each case's raw image files, one per channel: imagesUnlabeled/ first, then imagesTr/ (a label-budget
     simulation), the places ``prepare --add-labels`` takes them from. Looked up before any prediction."""
-    from nnfiltermatch.preparation import env_folder
+    from nnfiltermatch.layout import env_folder
 
     raw = env_folder("nnUNet_raw") / model.dataset_name
     dataset_json = model.predictor.dataset_json

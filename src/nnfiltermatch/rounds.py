@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from nnfiltermatch.files import atomic_write_text
+from nnfiltermatch.layout import preprocessed_root
 from nnfiltermatch.locks import LockError, run_lock
+from nnfiltermatch.manifest import load_prepared
 
 ROUNDS_NAME = "rounds.json"
 ROUNDS_FORMAT = 1
@@ -84,8 +86,6 @@ def model_dir_for_round(model_dir: Path, round_number: int | None) -> Path:
 
 # ----- rounds.json ------------------------------------------------------------------------------------------------
 def rounds_path(dataset_name: str) -> Path:
-    from nnfiltermatch.preparation import preprocessed_root
-
     return preprocessed_root(dataset_name) / ROUNDS_NAME
 
 
@@ -322,8 +322,6 @@ def record_trained_model(
         if entry is None:
             if round_number != 0 or data["rounds"]:
                 raise RoundError(f"rounds.json has no round {round_number} any more: {fold_dir} is not recorded")
-            from nnfiltermatch.preparation import load_prepared
-
             entry = _round_entry(0, load_prepared(dataset_name).labeled_ids)
             data["rounds"].append(entry)
         model = {

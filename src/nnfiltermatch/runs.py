@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from nnfiltermatch import distributed
-from nnfiltermatch.preparation import env_folder
+from nnfiltermatch.layout import env_folder
 from nnfiltermatch.rounds import trainer_folder_name
 
 # the trainer class of each mode, by name: the name is also the <Trainer> part of the model folder
@@ -102,7 +102,7 @@ def output_folder_for(
 
 def resolve_model_dir(dataset: str | int, configuration: str, mode: str, plans: str = "nnUNetPlans") -> Path:
     """The folder ``train`` writes for this dataset, configuration and mode (the parent of its fold_X folders)."""
-    from nnfiltermatch.preparation import dataset_name_from_id
+    from nnfiltermatch.layout import dataset_name_from_id
 
     if mode not in TRAINER_NAMES:
         raise RunFolderError(f"--mode {mode!r}: choose one of {', '.join(TRAINER_NAMES)}")

@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, resolve_config
+from nnfiltermatch.errors import PreparationError
 from nnfiltermatch.files import atomic_write_text
-from nnfiltermatch.preparation import PreparationError
 from nnfiltermatch.pseudo_labels import ema_update, every_class_segmented, pseudo_labels_for_scales, ramp_weight
 from nnfiltermatch.runs import (
     DIGEST_KEY,

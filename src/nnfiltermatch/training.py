@@ -18,14 +18,10 @@ import torch
 
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, option_flag
+from nnfiltermatch.errors import PreparationError
+from nnfiltermatch.layout import preprocessed_root
 from nnfiltermatch.locks import LOCK_NAME, LockError, run_lock
-from nnfiltermatch.preparation import (
-    PreparationError,
-    PreparedDataset,
-    check_prepared_plans,
-    load_prepared,
-    preprocessed_root,
-)
+from nnfiltermatch.manifest import PreparedDataset, check_prepared_plans, load_prepared
 from nnfiltermatch.rounds import check_round_for_training, record_trained_model
 from nnfiltermatch.runs import (
     CHECKPOINTS,
@@ -485,17 +481,19 @@ def _require_unlabeled(prepared: PreparedDataset, config: TrainConfig, dataset_n
 def _check_and_join_group(device: str, num_processes: int, backend: str | None) -> bool:
     """Refuse impossible multi-process requests before any work; join torchrun's group. True: we created it."""
     if num_processes < 1:
-        raise PreparationError(f"--num-gpus {num_processes}: give 1 or more")
+        raise distributed.DistributedSetupError(f"--num-gpus {num_processes}: give 1 or more")
     launched = distributed.launched_by_torchrun()
     if launched and num_processes not in (1, int(os.environ["WORLD_SIZE"])):
-        raise PreparationError(
+        raise distributed.DistributedSetupError(
             f"--num-gpus {num_processes} under torchrun with {os.environ['WORLD_SIZE']} processes: torchrun decides "
             "the number of processes (--nproc-per-node); leave --num-gpus out"
         )
     if launched or num_processes > 1:
         distributed.check_backend(device, backend)
     if not launched and num_processes > 1 and device == "cuda" and num_processes > torch.cuda.device_count():
-        raise PreparationError(f"--num-gpus {num_processes}: only {torch.cuda.device_count()} GPUs are visible")
+        raise distributed.DistributedSetupError(
+            f"--num-gpus {num_processes}: only {torch.cuda.device_count()} GPUs are visible"
+        )
     return distributed.init_from_env(device, backend)
 
 

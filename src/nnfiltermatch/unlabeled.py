@@ -51,7 +51,7 @@ class UnlabeledDataset(nnUNetBaseDataset):
 
     @staticmethod
     def save_case(data: np.ndarray, seg: np.ndarray, properties: dict, output_filename_truncated: str) -> None:
-        raise NotImplementedError("unlabelled cases are written by nnfiltermatch.preparation")
+        raise NotImplementedError("unlabelled cases are written by nnfiltermatch.preprocessing")
 
     @staticmethod
     def get_identifiers(folder: str) -> list[str]:

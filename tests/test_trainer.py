@@ -361,27 +361,6 @@ def test_nan_loss_stops_the_run_and_damaged_checkpoints_are_refused(
     assert load_checkpoint_safely(out / "checkpoint_final.pth")["current_epoch"] == 3
 
 
-@pytest.mark.parametrize(("saved_epoch", "expected_start"), [(0, None), (1, 1)])
-def test_checkpoint_from_before_the_gate_keeps_its_start(
-    prepared: Path, tmp_path: Path, saved_epoch: int, expected_start: int | None
-) -> None:
-    """Checkpoints without ``ssl_start_epoch`` started pseudo-labels right after warm-up (epoch 1 here): a run past
-    it keeps that start on resume; one not yet past it waits on the gate like a new run."""
-    config = resolve_config({**SHORT, "mode": "ssl", "ssl_start_dice": 0.5})
-    trainer = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
-    trainer.initialize()
-    trainer.current_epoch = saved_epoch  # nnU-Net saves current_epoch + 1: the next epoch to run
-    path = tmp_path / "old.pth"
-    trainer.save_checkpoint(str(path))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    del checkpoint["init_args"][STATE_KEY]["ssl_start_epoch"]
-    torch.save(checkpoint, path)
-    resumed = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
-    resumed.load_checkpoint(str(path))
-    assert resumed.current_epoch == saved_epoch + 1
-    assert resumed.ssl_start_epoch == expected_start
-
-
 def test_checkpoint_with_running_scores_of_an_older_version_resumes(prepared: Path, tmp_path: Path) -> None:
     """Checkpoints from before --filter-scoring running was removed carry "running_scores" and "filter_scoring" in
     their state: both are ignored, the rest resumes."""

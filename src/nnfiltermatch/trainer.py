@@ -542,19 +542,11 @@ class nnFilterMatchTrainer(RunTrainer):  # noqa: N801 (nnU-Net's naming conventi
     def restore_state(self, state: dict[str, Any]) -> None:
         self.pool = self._pool_still_unlabeled(state["pool"])
         self.filter_rounds = [FilterRound.from_json(r) for r in state["filter_rounds"]]
-        self.ssl_start_epoch = state.get("ssl_start_epoch", self._start_epoch_before_the_gate())
+        self.ssl_start_epoch = state.get("ssl_start_epoch")
         if self.teacher is not None and state["teacher"] is not None:
             self.teacher.load_state_dict(state["teacher"])
         for key in SSL_LOG_KEYS:
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
-
-    def _start_epoch_before_the_gate(self) -> int | None:
-        """For a checkpoint written before ``ssl_start_epoch`` existed: pseudo-labels then started right after
-        warm-up, so a run already past it keeps that start instead of waiting on the new gate."""
-        warmup = self.fm.warmup_epochs or 0
-        if self.fm.uses_unlabeled and self.current_epoch > warmup:
-            return warmup
-        return None
 
     def live_weight_sets(self) -> dict[str, dict[str, torch.Tensor]]:
         sets = super().live_weight_sets()

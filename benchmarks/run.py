@@ -515,6 +515,7 @@ def run_experiment(
 ) -> dict:
     """Train every mode and seed, evaluate on ``split`` (``test`` also evaluates the validation cases, if any)."""
     from nnfiltermatch.inference import load_checkpoint_safely
+    from nnfiltermatch.pool_filter import FilterRound
     from nnfiltermatch.trainer import STATE_KEY, TRAINERS
     from nnfiltermatch.training import TrainResult, finished_with, output_folder_for, train
 
@@ -574,7 +575,8 @@ def run_experiment(
             reported = test if test is not None else validation
             assert reported is not None
             rounds = [
-                json.loads(p.read_text()) for p in sorted((trained.output_folder / "filter_rounds").glob("*.json"))
+                FilterRound.from_json(json.loads(p.read_text()))
+                for p in sorted((trained.output_folder / "filter_rounds").glob("*.json"))
             ]
             state = load_checkpoint_safely(trained.final_checkpoint)["init_args"][STATE_KEY]
             teacher_model = (
@@ -600,7 +602,7 @@ def run_experiment(
                 "split": split,
                 "train_seconds": train_seconds,
                 "predict_seconds": reported["predict_seconds"],
-                "filter_seconds": sum(r["seconds"] for r in rounds),
+                "filter_seconds": sum(r.seconds for r in rounds),
                 "filter_rounds": len(rounds),
                 "supervised_stage_reused": trained.supervised_stage_reused,
                 "ssl_start_epoch": state.get("ssl_start_epoch"),  # None: pseudo-labels never started

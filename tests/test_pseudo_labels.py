@@ -9,11 +9,8 @@ import torch
 from torch import nn
 
 from nnfiltermatch.pseudo_labels import (
-    SemiSupervisedLoss,
     ema_update,
-    epoch_summary,
     every_class_segmented,
-    joint_batch,
     pseudo_labels_for_scales,
     pseudo_labels_from_logits,
     ramp_weight,
@@ -176,55 +173,3 @@ def test_every_class_segmented_needs_each_class_at_the_floor() -> None:
     assert not every_class_segmented([[0.9, 0.9], [0.49, 0.9]], 0.5)  # the last validation counts
     assert every_class_segmented([[0.0, 0.1], [0.5, 0.9]], 0.5)
     assert not every_class_segmented([[float("nan"), 0.9]], 0.5)  # a class never seen in validation
-
-
-def test_unlabelled_loss_survives_fully_ignored_pseudo_labels() -> None:
-    """Early after warm-up every voxel can fall below tau: the step must still give a differentiable loss."""
-    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
-    def dice_ce(weight_dice: float, ignore: int | None) -> DC_and_CE_loss:
-        return DC_and_CE_loss(
-            {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
-            {},
-            weight_ce=1,
-            weight_dice=weight_dice,
-            ignore_label=ignore,
-            dice_class=MemoryEfficientSoftDiceLoss,
-        )
-
-    loss = SemiSupervisedLoss(dice_ce(1, None), dice_ce(0, 3))
-    loss.n_labeled, loss.weight = 2, 1.0
-    logits = torch.randn(4, 3, 8, 8, 8, requires_grad=True)
-    target = torch.cat([torch.randint(0, 3, (2, 1, 8, 8, 8)), torch.full((2, 1, 8, 8, 8), 3)])
-    value = loss(logits, target)
-    value.backward()
-    assert torch.isfinite(value) and loss.last["unsup"] == 0.0
-    assert logits.grad[2:].abs().sum() == 0 and logits.grad[:2].abs().sum() > 0
-
-
-def test_joint_batch_keeps_the_target_layout_and_dtype() -> None:
-    data, extra = torch.zeros(2, 1, 4, 4), torch.ones(3, 1, 4, 4)
-    scales = [torch.zeros(2, 1, 4, 4, dtype=torch.int16), torch.zeros(2, 1, 2, 2, dtype=torch.int16)]
-    pseudo = [torch.ones(3, 1, 4, 4, dtype=torch.int64), torch.ones(3, 1, 2, 2, dtype=torch.int64)]
-    joint = joint_batch(data, scales, extra, pseudo)
-    assert joint["data"].shape[0] == 5 and torch.equal(joint["data"][2:], extra)
-    assert [t.shape[0] for t in joint["target"]] == [5, 5] and all(t.dtype == torch.int16 for t in joint["target"])
-    single = joint_batch(data, scales[0], extra, pseudo[0])
-    assert torch.is_tensor(single["target"]) and single["target"][2:].eq(1).all()
-
-
-def test_epoch_summary_means_and_the_last_weight() -> None:
-    steps = [
-        {"sup": 1.0, "unsup": 0.0, "conf": float("nan"), "w": 0.0},
-        {"sup": 3.0, "unsup": 2.0, "conf": 0.5, "w": 0.5},
-    ]
-    assert epoch_summary(steps) == {
-        "sup_losses": 2.0,
-        "unsup_losses": 1.0,
-        "confident_fraction": 0.5,
-        "unsup_weight": 0.5,
-    }
-    empty = epoch_summary([])
-    assert math.isnan(empty["sup_losses"]) and math.isnan(empty["confident_fraction"])
-    assert empty["unsup_losses"] == 0.0 and empty["unsup_weight"] == 0.0

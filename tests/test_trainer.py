@@ -277,7 +277,7 @@ def test_nan_loss_stops_the_run_and_damaged_checkpoints_are_refused(
     which says how to resume from checkpoint_best.pth; following that advice finishes the run."""
     from nnfiltermatch.divergence import MAX_NON_FINITE_STEPS, NonFiniteTrainingError, verify_optimizer_state
     from nnfiltermatch.inference import DIGEST_KEY, CheckpointError, load_checkpoint_safely
-    from nnfiltermatch.pseudo_labels import SemiSupervisedLoss
+    from nnfiltermatch.semi_supervised import SemiSupervisedLoss
     from nnfiltermatch.trainer import nnFilterMatchTrainer
 
     trainers: list[nnFilterMatchTrainer] = []

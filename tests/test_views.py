@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from nnfiltermatch.views import (
     GeometricTransform,
-    StrongViewOptions,
     add_gaussian_noise,
     adjust_contrast,
     adjust_gamma,
@@ -21,7 +20,6 @@ from nnfiltermatch.views import (
     paste_boxes,
     sample_geometric_transform,
     strong_intensity,
-    strong_view,
 )
 
 IGN = 7
@@ -255,51 +253,3 @@ def test_paste_boxes_chooses_the_source_sample() -> None:
     source_labels = [torch.stack([torch.full((1, 8, 8), 1), torch.full((1, 8, 8), 2)])]
     out, out_labels = paste_boxes(target, labels, source, source_labels, torch.Generator().manual_seed(0), 0.5, [1, 1])
     assert set(out.unique().tolist()) == {0.0, 2.0} and set(out_labels[0].unique().tolist()) == {0, 2}
-
-
-def _step_inputs() -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
-    gen = torch.Generator().manual_seed(3)
-    weak, labelled = torch.randn(2, 1, 4, 8, 8, generator=gen), torch.randn(2, 1, 4, 8, 8, generator=gen)
-    pseudo = [torch.randint(0, 3, (2, 1, 4, 8, 8), generator=gen), torch.randint(0, 3, (2, 1, 2, 4, 4), generator=gen)]
-    targets = [torch.randint(0, 3, (2, 1, 4, 8, 8), generator=gen), torch.randint(0, 3, (2, 1, 2, 4, 4), generator=gen)]
-    return weak, pseudo, labelled, targets
-
-
-def test_strong_view_draws_its_operations_in_order_from_one_generator() -> None:
-    """Every operation on: the same draws as the operations called one after the other with the same generator."""
-    weak, pseudo, labelled, targets = _step_inputs()
-    options = StrongViewOptions(
-        flip_from_epoch=1, strong_intensity=True, intensity_p=0.5, cutout_p=1.0, cutmix_p=1.0, copy_paste_p=1.0
-    )
-    strong, labels = strong_view(weak, pseudo, labelled, targets, torch.Generator().manual_seed(5), options, 1, IGN)
-
-    gen = torch.Generator().manual_seed(5)
-    transform = sample_geometric_transform(in_plane_shapes(pseudo), gen, True)
-    expected, expected_labels = strong_intensity(transform.apply(weak), gen, p=0.5), transform.apply_all(pseudo)
-    torch.rand((), generator=gen)  # cutout's draw against its probability (1: always applied)
-    expected, expected_labels = cutout(expected, expected_labels, gen, IGN)
-    torch.rand((), generator=gen)
-    expected, expected_labels = cutmix(expected, expected_labels, gen)
-    torch.rand((), generator=gen)
-    expected, expected_labels = paste_boxes(expected, expected_labels, labelled, targets, gen, 2 / 3)
-    assert torch.equal(strong, expected) and all(torch.equal(a, b) for a, b in zip(labels, expected_labels))
-    assert all(torch.equal(a, b) for a, b in zip(pseudo, _step_inputs()[1]))  # inputs untouched
-
-
-def test_strong_view_options_off_draw_nothing_and_flip_waits_for_its_epoch() -> None:
-    weak, pseudo, labelled, targets = _step_inputs()
-    off = StrongViewOptions(
-        flip_from_epoch=3, strong_intensity=False, intensity_p=0.5, cutout_p=0.0, cutmix_p=0.0, copy_paste_p=0.0
-    )
-    gen = torch.Generator().manual_seed(9)
-    strong, labels = strong_view(weak, pseudo, labelled, targets, gen, off, 2, IGN)
-    replay = torch.Generator().manual_seed(9)
-    transform = sample_geometric_transform(in_plane_shapes(pseudo), replay, False)
-    assert not transform.flip and torch.equal(strong, transform.apply(weak))
-    assert all(torch.equal(a, transform.apply(b)) for a, b in zip(labels, pseudo))
-    assert torch.equal(gen.get_state(), replay.get_state())  # nothing else was drawn
-
-    class Config:  # the training configuration has these attributes, and others
-        flip_from_epoch, strong_intensity, intensity_p, cutout_p, cutmix_p, copy_paste_p, tau = 0, True, 0.3, 0, 0, 0, 1
-
-    assert StrongViewOptions.of(Config()) == StrongViewOptions(0, True, 0.3, 0, 0, 0)

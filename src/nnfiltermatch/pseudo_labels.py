@@ -1,14 +1,11 @@
-"""Pseudo-labels, teacher EMA, the unsupervised-loss ramp and the joint labelled + pseudo-labelled loss.
+"""Pseudo-labels, teacher EMA and the unsupervised-loss ramp for nnFilterMatch.
 
-Everything here works on tensors/modules only, so the trainer logic can be tested without nnU-Net.
+Everything here is a pure function on tensors/modules so the trainer logic can be tested without nnU-Net.
 Layouts follow nnU-Net: logits are (B, C, *spatial), label maps are (B, 1, *spatial) int64.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -18,10 +15,6 @@ __all__ = [
     "ema_update",
     "ramp_weight",
     "every_class_segmented",
-    "as_list",
-    "joint_batch",
-    "SemiSupervisedLoss",
-    "epoch_summary",
 ]
 
 
@@ -141,66 +134,3 @@ def every_class_segmented(dice_per_class_history: list[list[float]], floor: floa
         return False
     last = [float(d) for d in dice_per_class_history[-1]]
     return bool(last) and all(d == d and d >= floor for d in last)  # d == d: NaN (class absent) is not ready
-
-
-def as_list(x: Tensor | list[Tensor]) -> list[Tensor]:
-    """Targets or outputs as a list of scales: nnU-Net passes a list with deep supervision, one tensor without."""
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def joint_batch(
-    data: Tensor, target: Tensor | list[Tensor], extra_data: Tensor, extra_target: Tensor | list[Tensor]
-) -> dict[str, Any]:
-    """One batch of ``data`` followed by ``extra_data`` rows, targets joined scale by scale in ``target``'s dtype;
-    the target stays a list (deep supervision) or a tensor, as ``target`` is."""
-    joined = [torch.cat([t, p.to(t.dtype)]) for t, p in zip(as_list(target), as_list(extra_target))]
-    return {"data": torch.cat([data, extra_data]), "target": joined if isinstance(target, (list, tuple)) else joined[0]}
-
-
-class SemiSupervisedLoss(nn.Module):
-    """The supervised loss on the labelled rows plus a weighted, ignore-aware loss on the pseudo-labelled rows.
-
-    ``n_labeled`` is None outside semi-supervised steps (validation, warm-up): then it is the supervised loss
-    unchanged. Both losses are passed in (nnU-Net's, in the trainer).
-    """
-
-    def __init__(self, supervised: nn.Module, unsupervised: nn.Module):
-        super().__init__()
-        self.supervised = supervised
-        self.unsupervised = unsupervised
-        self.n_labeled: int | None = None
-        self.weight = 0.0
-        self.last: dict[str, float] = {}
-
-    def forward(self, output: Any, target: Any) -> Tensor:
-        if self.n_labeled is None:
-            loss = self.supervised(output, target)
-            self.last = {"sup": float(loss.detach()), "unsup": 0.0}
-            return loss
-        n = self.n_labeled
-        is_list = isinstance(output, (list, tuple))
-        out, tgt = as_list(output), as_list(target)
-        sup_args = ([o[:n] for o in out], [t[:n] for t in tgt])
-        unsup_args = ([o[n:] for o in out], [t[n:] for t in tgt])
-        if not is_list:
-            sup_args = (sup_args[0][0], sup_args[1][0])
-            unsup_args = (unsup_args[0][0], unsup_args[1][0])
-        sup = self.supervised(*sup_args)
-        unsup = self.unsupervised(*unsup_args)
-        if not torch.is_tensor(unsup):  # nnU-Net returns a plain 0 when every pseudo-label voxel is ignored
-            unsup = sup.new_zeros(())
-        self.last = {"sup": float(sup.detach()), "unsup": float(unsup.detach())}
-        return sup + self.weight * unsup
-
-
-def epoch_summary(steps: list[dict[str, float]]) -> dict[str, float]:
-    """An epoch's semi-supervised logs from its steps' ``sup``/``unsup`` losses, confident fraction ``conf`` (NaN on
-    steps without pseudo-labels) and unsupervised weight ``w``: means, and the last step's weight."""
-    steps = steps or [{"sup": float("nan"), "unsup": 0.0, "conf": float("nan"), "w": 0.0}]
-    confident = [s["conf"] for s in steps if not np.isnan(s["conf"])]
-    return {
-        "sup_losses": float(np.mean([s["sup"] for s in steps])),
-        "unsup_losses": float(np.mean([s["unsup"] for s in steps])),
-        "confident_fraction": float(np.mean(confident)) if confident else float("nan"),
-        "unsup_weight": float(steps[-1]["w"]),
-    }

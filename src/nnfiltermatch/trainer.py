@@ -43,17 +43,16 @@ from nnfiltermatch.filter_scoring import pool_logits, score_cases
 from nnfiltermatch.inference import DIGEST_KEY, STATE_KEY, CheckpointError, load_checkpoint_safely, weights_digests
 from nnfiltermatch.pool_filter import FilterRound, decide_round
 from nnfiltermatch.preparation import PreparationError
-from nnfiltermatch.pseudo_labels import (
-    SemiSupervisedLoss,
-    as_list,
-    ema_update,
-    epoch_summary,
-    every_class_segmented,
-    joint_batch,
-    pseudo_labels_for_scales,
-    ramp_weight,
-)
+from nnfiltermatch.pseudo_labels import ema_update, every_class_segmented, pseudo_labels_for_scales, ramp_weight
 from nnfiltermatch.seeding import epoch_seed, seed_epoch
+from nnfiltermatch.semi_supervised import (
+    SemiSupervisedLoss,
+    StrongViewOptions,
+    as_list,
+    epoch_summary,
+    joint_batch,
+    strong_view,
+)
 from nnfiltermatch.unlabeled import (
     UnlabeledDataset,
     make_unlabeled_loader,
@@ -61,7 +60,6 @@ from nnfiltermatch.unlabeled import (
     save_pseudo_label,
     shutdown_loader,
 )
-from nnfiltermatch.views import StrongViewOptions, strong_view
 
 SSL_LOG_KEYS = ("sup_losses", "unsup_losses", "confident_fraction", "unsup_weight", "pool_size")
 FILTER_DIRNAME = "filter_rounds"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,6 @@ __all__ = [
     "cutout",
     "cutmix",
     "paste_boxes",
-    "StrongViewOptions",
-    "strong_view",
 ]
 
 Rng = torch.Generator | random.Random | None
@@ -468,54 +466,3 @@ def cutmix(
     for i in range(bsz):
         source[order[i]] = order[(i + 1) % bsz]
     return paste_boxes(image, labels_list, image, labels_list, gen, rat, source)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the strong view of a semi-supervised step
-# ----------------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StrongViewOptions:
-    """Which operations the strong view draws and how often; the names are the training options'."""
-
-    flip_from_epoch: int
-    strong_intensity: bool
-    intensity_p: float
-    cutout_p: float
-    cutmix_p: float
-    copy_paste_p: float
-
-    @classmethod
-    def of(cls, options: object) -> StrongViewOptions:
-        """From any object with attributes of these names (the training configuration)."""
-        return cls(**{f.name: getattr(options, f.name) for f in fields(cls)})
-
-
-def strong_view(
-    weak: Tensor,
-    pseudo: Sequence[Tensor],
-    labelled: Tensor,
-    labelled_targets: Sequence[Tensor],
-    gen: torch.Generator,
-    options: StrongViewOptions,
-    epoch: int,
-    ignore_index: int,
-) -> tuple[Tensor, list[Tensor]]:
-    """The strong view of a weak unlabelled batch and its pseudo-labels (every deep-supervision scale).
-
-    In this order, each from ``gen``: the in-plane rotation (and, from ``flip_from_epoch`` on, flip), intensity
-    perturbations, cutout, cutmix, then the labelled-to-unlabelled copy-paste of ``labelled`` boxes with their true
-    labels. An operation with probability 0 draws nothing from ``gen``.
-    """
-    transform = sample_geometric_transform([tuple(p.shape[-2:]) for p in pseudo], gen, epoch >= options.flip_from_epoch)
-    strong = transform.apply(weak)
-    labels = [transform.apply(p) for p in pseudo]
-    if options.strong_intensity:
-        strong = strong_intensity(strong, gen, p=options.intensity_p)
-    if options.cutout_p > 0 and float(torch.rand((), generator=gen)) < options.cutout_p:
-        strong, labels = cutout(strong, labels, gen, ignore_index)
-    if options.cutmix_p > 0 and float(torch.rand((), generator=gen)) < options.cutmix_p:
-        strong, labels = cutmix(strong, labels, gen)
-    if options.copy_paste_p > 0 and float(torch.rand((), generator=gen)) < options.copy_paste_p:
-        # BCP's box side: 2/3 of the patch, a labelled box with its true labels in each pseudo-labelled view
-        strong, labels = paste_boxes(strong, labels, labelled, labelled_targets, gen, 2 / 3)
-    return strong, labels

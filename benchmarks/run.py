@@ -523,6 +523,7 @@ def run_experiment(
     split: str = "test",
 ) -> dict:
     """Train every mode and seed, evaluate on ``split`` (``test`` also evaluates the validation cases, if any)."""
+    from nnfiltermatch.pool_filter import FilterRound
     from nnfiltermatch.runs import FILTER_DIRNAME, STATE_KEY, TRAINER_NAMES, load_checkpoint_safely, output_folder_for
     from nnfiltermatch.training import TrainResult, finished_with, record_labelled_cases, train
 
@@ -583,7 +584,8 @@ def run_experiment(
             reported = test if test is not None else validation
             assert reported is not None
             rounds = [
-                json.loads(p.read_text()) for p in sorted((trained.output_folder / FILTER_DIRNAME).glob("*.json"))
+                FilterRound.from_json(json.loads(p.read_text()))
+                for p in sorted((trained.output_folder / FILTER_DIRNAME).glob("*.json"))
             ]
             state = load_checkpoint_safely(trained.final_checkpoint)["init_args"][STATE_KEY]
             teacher_model = (
@@ -609,7 +611,7 @@ def run_experiment(
                 "split": split,
                 "train_seconds": train_seconds,
                 "predict_seconds": reported["predict_seconds"],
-                "filter_seconds": sum(r["seconds"] for r in rounds),
+                "filter_seconds": sum(r.seconds for r in rounds),
                 "filter_rounds": len(rounds),
                 "supervised_stage_reused": trained.supervised_stage_reused,
                 "ssl_start_epoch": state.get("ssl_start_epoch"),  # None: pseudo-labels never started

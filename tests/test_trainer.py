@@ -120,7 +120,7 @@ def test_rebuilt_loader_draws_only_kept_cases(prepared: Path) -> None:
         assert trainer.pool is not None and len(trainer.pool) == 36
         seen_before = {k for _ in range(20) for k in next(trainer.dataloader_unlabeled)["keys"]}
         record = trainer.run_filter_round()
-        dropped = {c["case"] for c in record["cases"] if not c["kept"]}
+        dropped = set(record.dropped)
         assert len(dropped) == 18 and len(trainer.pool) == 18
         seen_after = {k for _ in range(30) for k in next(trainer.dataloader_unlabeled)["keys"]}
         assert seen_after <= set(trainer.pool) and not seen_after & dropped
@@ -257,33 +257,6 @@ def test_killed_run_resumes_with_pool_rounds_and_optimiser(prepared: Path) -> No
     assert final["optimizer_state"]["state"], "optimiser momentum restored and carried on"
 
 
-def test_unlabelled_loss_survives_fully_ignored_pseudo_labels() -> None:
-    """Early after warm-up every voxel can fall below tau: the step must still give a differentiable loss."""
-    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
-    from nnfiltermatch.trainer import SemiSupervisedLoss
-
-    def dice_ce(weight_dice: float, ignore: int | None) -> DC_and_CE_loss:
-        return DC_and_CE_loss(
-            {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
-            {},
-            weight_ce=1,
-            weight_dice=weight_dice,
-            ignore_label=ignore,
-            dice_class=MemoryEfficientSoftDiceLoss,
-        )
-
-    loss = SemiSupervisedLoss(dice_ce(1, None), dice_ce(0, 3))
-    loss.n_labeled, loss.weight = 2, 1.0
-    logits = torch.randn(4, 3, 8, 8, 8, requires_grad=True)
-    target = torch.cat([torch.randint(0, 3, (2, 1, 8, 8, 8)), torch.full((2, 1, 8, 8, 8), 3)])
-    value = loss(logits, target)
-    value.backward()
-    assert torch.isfinite(value) and loss.last["unsup"] == 0.0
-    assert logits.grad[2:].abs().sum() == 0 and logits.grad[:2].abs().sum() > 0
-
-
 def test_continue_refuses_a_plain_nnunet_checkpoint(prepared: Path) -> None:
     """A checkpoint without our pool and filter state (plain nnU-Net) must not be resumed as a semi-supervised run."""
     config = resolve_config({**SHORT, "mode": "supervised"})
@@ -302,13 +275,10 @@ def test_nan_loss_stops_the_run_and_damaged_checkpoints_are_refused(
     """A loss gone NaN after epoch 0 stops the run before NaN weights reach a checkpoint, naming the good one; a
     checkpoint damaged on disk (NaN bytes, or a finite change caught by its checksum) is refused by --continue,
     which says how to resume from checkpoint_best.pth; following that advice finishes the run."""
+    from nnfiltermatch.divergence import MAX_NON_FINITE_STEPS, NonFiniteTrainingError, verify_optimizer_state
     from nnfiltermatch.runs import DIGEST_KEY, CheckpointError, load_checkpoint_safely
-    from nnfiltermatch.trainer import (
-        MAX_NON_FINITE_STEPS,
-        NonFiniteTrainingError,
-        SemiSupervisedLoss,
-        nnFilterMatchTrainer,
-    )
+    from nnfiltermatch.semi_supervised import SemiSupervisedLoss
+    from nnfiltermatch.trainer import nnFilterMatchTrainer
 
     trainers: list[nnFilterMatchTrainer] = []
     forward, epoch_start = SemiSupervisedLoss.forward, nnFilterMatchTrainer.on_train_epoch_start
@@ -345,7 +315,7 @@ def test_nan_loss_stops_the_run_and_damaged_checkpoints_are_refused(
     with pytest.raises(NonFiniteTrainingError, match=f"non-finite \\(nan\\) for {MAX_NON_FINITE_STEPS} consecutive"):
         trainer.watch_loss({"loss": np.float32("nan")})
     with pytest.raises(CheckpointError, match="2 of 2 tensors of its optimizer_state hold NaN"):
-        nnFilterMatchTrainer._verify_optimizer_state(
+        verify_optimizer_state(
             {
                 "optimizer_state": {
                     "state": {
@@ -389,27 +359,6 @@ def test_nan_loss_stops_the_run_and_damaged_checkpoints_are_refused(
     shutil.copy(out / "checkpoint_best.pth", path)
     train(DATASET, CONFIG, "all", config, "cpu", continue_training=True, final_validation=False)
     assert load_checkpoint_safely(out / "checkpoint_final.pth")["current_epoch"] == 3
-
-
-@pytest.mark.parametrize(("saved_epoch", "expected_start"), [(0, None), (1, 1)])
-def test_checkpoint_from_before_the_gate_keeps_its_start(
-    prepared: Path, tmp_path: Path, saved_epoch: int, expected_start: int | None
-) -> None:
-    """Checkpoints without ``ssl_start_epoch`` started pseudo-labels right after warm-up (epoch 1 here): a run past
-    it keeps that start on resume; one not yet past it waits on the gate like a new run."""
-    config = resolve_config({**SHORT, "mode": "ssl", "ssl_start_dice": 0.5})
-    trainer = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
-    trainer.initialize()
-    trainer.current_epoch = saved_epoch  # nnU-Net saves current_epoch + 1: the next epoch to run
-    path = tmp_path / "old.pth"
-    trainer.save_checkpoint(str(path))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    del checkpoint["init_args"][STATE_KEY]["ssl_start_epoch"]
-    torch.save(checkpoint, path)
-    resumed = build_trainer(DATASET, CONFIG, "all", config, torch.device("cpu"))
-    resumed.load_checkpoint(str(path))
-    assert resumed.current_epoch == saved_epoch + 1
-    assert resumed.ssl_start_epoch == expected_start
 
 
 def test_checkpoint_with_running_scores_of_an_older_version_resumes(prepared: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from nnfiltermatch.config import resolve_config
 from nnfiltermatch.files import atomic_write_text
+from nnfiltermatch.pool_filter import FilterRound
 
 DEMO_DATASET = "Dataset901_HippocampusSubset"
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / DEMO_DATASET
@@ -118,7 +119,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", seed: int = 0)
         evaluation.to_json(out / f"evaluation_{mode}.json")
         evaluation.to_csv(out / f"evaluation_{mode}.csv")
         rounds = sorted((trained.output_folder / FILTER_DIRNAME).glob("*.json"))
-        filter_seconds = sum(json.loads(p.read_text())["seconds"] for p in rounds)
+        filter_seconds = sum(FilterRound.from_json(json.loads(p.read_text())).seconds for p in rounds)
         results["modes"][mode] = {
             "model": str(trained.output_folder),
             "train_seconds": round(train_seconds, 1),

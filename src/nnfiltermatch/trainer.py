@@ -1,30 +1,31 @@
-"""The nnFilterMatch trainer: nnU-Net's ``nnUNetTrainer`` with a semi-supervised step and the entropy filter.
+"""The nnFilterMatch trainers: nnU-Net's ``nnUNetTrainer`` with a semi-supervised step and the entropy filter.
 
-Only the hooks that must change are overridden: ``initialize`` (teacher, unlabelled loss), ``get_dataloaders``
-(the unlabelled stream), ``train_step`` (weak view -> pseudo-labels -> strong view -> one forward pass),
-``on_epoch_start`` (every random stream seeded from seed and epoch, so ``--continue`` is the uninterrupted run),
-``on_train_epoch_start`` (the filter), epoch-end logging, and checkpoint save/load (pool, rounds, teacher, a
-digest of the weights). Non-finite weights never reach a checkpoint: a save refuses them, and a run whose loss stays
-non-finite stops, naming the last good checkpoint.
-The three modes are thin subclasses, so each gets its own nnU-Net results folder, as nnU-Net's trainer variants do.
+``RunTrainer`` is what every nnfiltermatch run needs from nnU-Net's trainer, whatever the mode: the configuration
+from the plans, DDP on CPU, and checkpoints that carry our state and a digest of the weights, written atomically and
+verified on loading. Non-finite weights never reach a checkpoint: a save refuses them, and a run whose loss stays
+non-finite stops, naming the last good checkpoint (``divergence``).
+
+``nnFilterMatchTrainer`` adds the method through the hooks that must change: ``initialize`` (teacher, unlabelled
+loss), ``get_dataloaders`` (the unlabelled stream), ``train_step`` (weak view -> pseudo-labels -> strong view -> one
+forward pass), ``on_epoch_start`` (every random stream seeded from seed and epoch, so ``--continue`` is the
+uninterrupted run), ``on_train_epoch_start`` (the filter, ``pool_filter``), epoch-end logging, and the state a
+checkpoint carries (pool, rounds, teacher). The other modes are thin subclasses, so each gets its own nnU-Net results
+folder, as nnU-Net's trainer variants do.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-import math
 import os
-import random
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -33,12 +34,14 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from nnfiltermatch import distributed
 from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, resolve_config
+from nnfiltermatch.divergence import DivergenceWatch, resume_alternatives, verify_optimizer_state
 from nnfiltermatch.errors import PreparationError
 from nnfiltermatch.files import atomic_write_text
+from nnfiltermatch.filter_scoring import pool_logits, score_cases
+from nnfiltermatch.pool_filter import FilterRound, decide_round
 from nnfiltermatch.pseudo_labels import ema_update, every_class_segmented, pseudo_labels_for_scales, ramp_weight
 from nnfiltermatch.runs import (
     DIGEST_KEY,
@@ -47,86 +50,54 @@ from nnfiltermatch.runs import (
     RESUME_ORDER,
     STATE_KEY,
     CheckpointError,
-    describe_epoch,
-    listed,
     load_checkpoint_safely,
-    non_finite_tensors,
-    usable_checkpoints_beside,
     weights_digests,
 )
-from nnfiltermatch.uncertainty import reduce_case_score, select_cases_to_drop, voxel_entropy
+from nnfiltermatch.seeding import epoch_seed, seed_epoch
+from nnfiltermatch.semi_supervised import (
+    SemiSupervisedLoss,
+    StrongViewOptions,
+    as_list,
+    epoch_summary,
+    joint_batch,
+    strong_view,
+)
 from nnfiltermatch.unlabeled import (
-    OwnRandomStream,
     UnlabeledDataset,
     make_unlabeled_loader,
     pseudo_labelled_ids,
     save_pseudo_label,
     shutdown_loader,
 )
-from nnfiltermatch.views import cutmix, cutout, paste_boxes, sample_geometric_transform, strong_intensity
 
 SSL_LOG_KEYS = ("sup_losses", "unsup_losses", "confident_fraction", "unsup_weight", "pool_size")
-# Why 5, not 1: under CUDA mixed precision nnU-Net's GradScaler skips a step whose fp16 values overflowed and lowers
-# its scale, so a lone non-finite loss can pass harmlessly; five in a row means the weights themselves are gone.
-# (Without a scaler, on CPU, the first one already spoils them; the save guard keeps them off disk meanwhile.)
-MAX_NON_FINITE_STEPS = 5
-# the random streams of a training epoch, each seeded at the start of every epoch (nnFilterMatchTrainer.seed_epoch)
-RANDOM_STREAMS = ("augmentation", "unlabelled", "views")
 
 
-def epoch_seed(seed: int, epoch: int, rank: int, stream: str) -> int:
-    """The seed of one random stream in one epoch on one DDP rank: 32 bits mixed by NumPy's ``SeedSequence``, so
-    no two (seed, epoch, rank, stream) share a sequence, as sums like seed + epoch would."""
-    return int(np.random.SeedSequence([seed, epoch, rank, RANDOM_STREAMS.index(stream)]).generate_state(1)[0])
+def pseudo_label_loss(
+    batch_dice: bool, ddp: bool, unsup_loss: str, ignore_index: int, weight_factors: Any | None
+) -> nn.Module:
+    """nnU-Net's loss for pseudo-labels: voxels marked ``ignore_index`` (not confident) count for nothing; with
+    deep supervision (``weight_factors``) over every scale."""
+    loss: nn.Module = DC_and_CE_loss(
+        {"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": ddp},
+        {},
+        weight_ce=1,
+        # Dice on pseudo-labels pushes a class the teacher missed in a patch towards zero everywhere in it: at
+        # small compute this erased the smaller Hippocampus class, so the default is cross-entropy only.
+        weight_dice=1 if unsup_loss == "dice_ce" else 0,
+        ignore_label=ignore_index,
+        dice_class=MemoryEfficientSoftDiceLoss,
+    )
+    return DeepSupervisionWrapper(loss, weight_factors) if weight_factors is not None else loss
 
 
-class NonFiniteTrainingError(PreparationError):
-    """The training diverged (non-finite loss or weights); the message names the epoch and the last good checkpoint."""
+class RunTrainer(nnUNetTrainer):
+    """nnU-Net's trainer as an nnfiltermatch run of mode ``mode`` needs it; the method is the subclass's.
 
-
-def _as_list(x: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-class SemiSupervisedLoss(nn.Module):
-    """nnU-Net's loss on the labelled rows plus a weighted, ignore-aware loss on the pseudo-labelled rows.
-
-    ``n_labeled`` is None outside semi-supervised steps (validation, warm-up): then it is nnU-Net's loss unchanged.
+    Subclasses add their state to ``state_for_checkpoint`` and take it back in ``restore_state``.
     """
 
-    def __init__(self, supervised: nn.Module, unsupervised: nn.Module):
-        super().__init__()
-        self.supervised = supervised
-        self.unsupervised = unsupervised
-        self.n_labeled: int | None = None
-        self.weight = 0.0
-        self.last: dict[str, float] = {}
-
-    def forward(self, output: Any, target: Any) -> torch.Tensor:
-        if self.n_labeled is None:
-            loss = self.supervised(output, target)
-            self.last = {"sup": float(loss.detach()), "unsup": 0.0}
-            return loss
-        n = self.n_labeled
-        is_list = isinstance(output, (list, tuple))
-        out, tgt = _as_list(output), _as_list(target)
-        sup_args = ([o[:n] for o in out], [t[:n] for t in tgt])
-        unsup_args = ([o[n:] for o in out], [t[n:] for t in tgt])
-        if not is_list:
-            sup_args = (sup_args[0][0], sup_args[1][0])
-            unsup_args = (unsup_args[0][0], unsup_args[1][0])
-        sup = self.supervised(*sup_args)
-        unsup = self.unsupervised(*unsup_args)
-        if not torch.is_tensor(unsup):  # nnU-Net returns a plain 0 when every pseudo-label voxel is ignored
-            unsup = sup.new_zeros(())
-        self.last = {"sup": float(sup.detach()), "unsup": float(unsup.detach())}
-        return sup + self.weight * unsup
-
-
-class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming convention for trainers)
-    """Mode ``filtermatch``: pseudo-labels plus the entropy filter on the unlabelled pool."""
-
-    mode = "filtermatch"
+    mode: str  # the mode a subclass trains (TrainConfig.mode)
 
     def __init__(
         self,
@@ -162,25 +133,8 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         self.initial_lr = fm.lr
         self.weight_decay = fm.weight_decay
         self.save_every = fm.save_every
-        self.ignore_index = self.label_manager.num_segmentation_heads  # never a real class
-        self.pool: list[str] | None = None
-        self.filter_rounds: list[dict[str, Any]] = []
-        self.teacher: nn.Module | None = None
-        self.ssl_start_epoch: int | None = None  # first epoch with pseudo-labels (see start_semi_supervision_if_due)
-        self.dataloader_unlabeled: Any = None
-        self._epoch_stats: list[dict[str, float]] = []
-        self._unlabeled_drawn: list[str] = []  # the unlabelled cases of this epoch's steps (the DDP rank digest)
-        self._view_rng = torch.Generator()
-        self._non_finite_steps = 0  # consecutive training steps with a non-finite loss
-        self._non_finite_since: int | None = None  # the epoch of the first of them
-        self._good_checkpoints: dict[str, int] = {}  # file name -> epoch it ends, for the checkpoints this run wrote
-        for key in SSL_LOG_KEYS:
-            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
-
-    # ----- set-up -------------------------------------------------------------------------------------------
-    @property
-    def unlabeled_folder(self) -> Path:
-        return Path(self.preprocessed_dataset_folder_base) / "unlabeled" / self.configuration_manager.data_identifier
+        self.pool: list[str] | None = None  # the unlabelled cases the run draws from (None: none, or not yet)
+        self.divergence = DivergenceWatch(RESUME_ORDER)
 
     def plain_network(self) -> nn.Module:
         """The network without DDP or torch.compile wrappers: what the teacher copies and the scorer runs."""
@@ -194,21 +148,6 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             self._initialize_cpu_ddp()
         else:
             super().initialize()
-        unsupervised: nn.Module = DC_and_CE_loss(
-            {"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": self.is_ddp},
-            {},
-            weight_ce=1,
-            # Dice on pseudo-labels pushes a class the teacher missed in a patch towards zero everywhere in it: at
-            # small compute this erased the smaller Hippocampus class, so the default is cross-entropy only.
-            weight_dice=1 if self.fm.unsup_loss == "dice_ce" else 0,
-            ignore_label=self.ignore_index,
-            dice_class=MemoryEfficientSoftDiceLoss,
-        )
-        if self.enable_deep_supervision:
-            unsupervised = DeepSupervisionWrapper(unsupervised, self.loss.weight_factors)
-        self.loss = SemiSupervisedLoss(self.loss, unsupervised)
-        if self.fm.pseudo_labels_online and self.fm.teacher == "ema":
-            self.teacher = copy.deepcopy(self.plain_network()).requires_grad_(False)
 
     def _initialize_cpu_ddp(self) -> None:
         """nnU-Net's ``initialize`` with a CPU-capable DDP wrapper.
@@ -227,26 +166,8 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         self.network = DistributedDataParallel(self.network)
         self.loss = self._build_loss()
 
-    def get_dataloaders(self):
-        train, val = super().get_dataloaders()
-        if self.fm.uses_unlabeled:
-            if self.pool is None:
-                self.pool = UnlabeledDataset.get_identifiers(str(self.unlabeled_folder))
-            if not self.pool:
-                raise RuntimeError(
-                    f"no unlabelled cases in {self.unlabeled_folder}: mode {self.fm.mode} needs them. Add images to "
-                    "imagesUnlabeled/ (or use a labelled list) and rerun `nnfiltermatch prepare`, or train --mode "
-                    "supervised."
-                )
-            self.dataloader_unlabeled = self._build_unlabeled_loader()
-        return train, val
-
-    @property
-    def unlabeled_batch_size(self) -> int:
-        """From this process's labelled batch: under DDP nnU-Net splits the global batch, so this splits too."""
-        return max(1, round(self.fm.unlabeled_ratio * self.batch_size))
-
-    def _build_unlabeled_loader(self, pseudo_label_folder: Path | None = None):
+    def training_transforms(self) -> tuple[Any, Any]:
+        """nnU-Net's training augmentation of this configuration and the patch size it crops before it."""
         rotation, dummy_2d, initial_patch_size, mirror_axes = (
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         )
@@ -262,19 +183,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             regions=None,
             ignore_label=self.label_manager.ignore_label,
         )
-        assert self.pool is not None
-        return make_unlabeled_loader(
-            self.unlabeled_folder,
-            self.pool,
-            self.unlabeled_batch_size,
-            initial_patch_size,
-            self.configuration_manager.patch_size,
-            self.label_manager,
-            transforms,
-            pin_memory=self.device.type == "cuda",
-            seed=epoch_seed(self.fm.seed, self.current_epoch, self.local_rank, "unlabelled"),
-            pseudo_label_folder=pseudo_label_folder,
-        )
+        return transforms, initial_patch_size
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -301,34 +210,161 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         if self.local_rank == 0:
             self.fm.write(Path(self.output_folder) / CONFIG_FILENAME)
 
+    def watch_loss(self, result: dict) -> dict:
+        """Stop the run at too many consecutive non-finite training losses (``DivergenceWatch.observe_loss``).
+
+        Free on the normal path: nnU-Net's ``train_step`` already returns the loss as a CPU scalar.
+        """
+        loss = float(np.asarray(result["loss"]).mean())
+        folder = Path(self.output_folder)
+        self.divergence.observe_loss(loss, self.current_epoch, folder, self.fm.lr, self.print_to_log_file)
+        return result
+
+    # ----- checkpoints --------------------------------------------------------------------------------------
+    def state_for_checkpoint(self) -> dict[str, Any]:
+        return {
+            "config": self.fm.to_dict(),
+            "mode": self.mode,
+            "trainer_class": f"{type(self).__module__}.{type(self).__name__}",
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Take back what ``state_for_checkpoint`` saved (the configuration is read before the trainer is built)."""
+
+    def live_weight_sets(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The weight sets a checkpoint stores, as ``inference.checkpoint_weight_sets`` reads them back."""
+        return {"network_weights": self.plain_network().state_dict()}
+
+    def save_checkpoint(self, filename: str) -> None:
+        # nnU-Net's save_checkpoint has no hook for extra state; its 'init_args' entry is saved and restored
+        # verbatim, so our state rides there, with a digest of the weights that loading verifies. Written under a
+        # temporary name, then renamed: a kill never leaves a truncated checkpoint behind.
+        sets = self.live_weight_sets()
+        # every rank checks (DDP keeps the weights identical), so every rank stops alike
+        folder, name = Path(self.output_folder), Path(filename).name
+        self.divergence.refuse_non_finite(sets, name, self.current_epoch, folder, self.fm.lr)
+        state = self.state_for_checkpoint()
+        if self.local_rank == 0 and not self.disable_checkpointing:  # the one process that writes
+            state[DIGEST_KEY] = weights_digests(sets)
+        self.my_init_kwargs[STATE_KEY] = state
+        partial = filename + ".partial"
+        try:
+            super().save_checkpoint(partial)
+        finally:
+            self.my_init_kwargs.pop(STATE_KEY, None)
+        # only the writer renames: under DDP another rank must not move rank 0's half-written file
+        if self.local_rank == 0 and os.path.isfile(partial):
+            os.replace(partial, filename)
+        if not self.disable_checkpointing:
+            self.divergence.good[name] = self.current_epoch
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        if isinstance(filename_or_checkpoint, str):
+            # nnU-Net unpickles with weights_only=False; refuse a checkpoint with anything beyond plain data first,
+            # and one whose weights or optimizer state are not finite, or differ from their digest.
+            path = Path(filename_or_checkpoint)
+            try:
+                verify_optimizer_state(load_checkpoint_safely(path), path)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc} {resume_alternatives(path, RESUME_ORDER)}") from exc
+        super().load_checkpoint(filename_or_checkpoint)
+        state = self.my_init_kwargs.pop(STATE_KEY, None)
+        if state is None:
+            raise PreparationError(
+                f"{filename_or_checkpoint} was not written by nnfiltermatch (no pool or filter state in it): "
+                "cannot continue it as a semi-supervised run. Start a new run in another results folder."
+            )
+        if state["mode"] != self.mode:
+            raise PreparationError(f"checkpoint is from mode {state['mode']!r}, this trainer runs {self.mode!r}")
+        self.restore_state(state)
+        if isinstance(filename_or_checkpoint, str):
+            self.divergence.good[Path(filename_or_checkpoint).name] = self.current_epoch - 1
+
+
+class nnFilterMatchTrainer(RunTrainer):  # noqa: N801 (nnU-Net's naming convention for trainers)
+    """Mode ``filtermatch``: pseudo-labels plus the entropy filter on the unlabelled pool."""
+
+    mode = "filtermatch"
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnU-Net's signature)
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.ignore_index = self.label_manager.num_segmentation_heads  # never a real class
+        self.filter_rounds: list[FilterRound] = []
+        self.teacher: nn.Module | None = None
+        self.ssl_start_epoch: int | None = None  # first epoch with pseudo-labels (see start_semi_supervision_if_due)
+        self.dataloader_unlabeled: Any = None
+        self._epoch_stats: list[dict[str, float]] = []
+        self._unlabeled_drawn: list[str] = []  # the unlabelled cases of this epoch's steps (the DDP rank digest)
+        self._view_rng = torch.Generator()
+        for key in SSL_LOG_KEYS:
+            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
+
+    # ----- set-up -------------------------------------------------------------------------------------------
+    @property
+    def unlabeled_folder(self) -> Path:
+        return Path(self.preprocessed_dataset_folder_base) / "unlabeled" / self.configuration_manager.data_identifier
+
+    def initialize(self) -> None:
+        if self.was_initialized:
+            return
+        super().initialize()
+        weight_factors = self.loss.weight_factors if self.enable_deep_supervision else None
+        unsupervised = pseudo_label_loss(
+            self.configuration_manager.batch_dice, self.is_ddp, self.fm.unsup_loss, self.ignore_index, weight_factors
+        )
+        self.loss = SemiSupervisedLoss(self.loss, unsupervised)
+        if self.fm.pseudo_labels_online and self.fm.teacher == "ema":
+            self.teacher = copy.deepcopy(self.plain_network()).requires_grad_(False)
+
+    def get_dataloaders(self):
+        train, val = super().get_dataloaders()
+        if self.fm.uses_unlabeled:
+            if self.pool is None:
+                self.pool = UnlabeledDataset.get_identifiers(str(self.unlabeled_folder))
+            if not self.pool:
+                raise RuntimeError(
+                    f"no unlabelled cases in {self.unlabeled_folder}: mode {self.fm.mode} needs them. Add images to "
+                    "imagesUnlabeled/ (or use a labelled list) and rerun `nnfiltermatch prepare`, or train --mode "
+                    "supervised."
+                )
+            self.dataloader_unlabeled = self._build_unlabeled_loader()
+        return train, val
+
+    @property
+    def unlabeled_batch_size(self) -> int:
+        """From this process's labelled batch: under DDP nnU-Net splits the global batch, so this splits too."""
+        return max(1, round(self.fm.unlabeled_ratio * self.batch_size))
+
+    def _build_unlabeled_loader(self, pseudo_label_folder: Path | None = None):
+        transforms, initial_patch_size = self.training_transforms()
+        assert self.pool is not None
+        return make_unlabeled_loader(
+            self.unlabeled_folder,
+            self.pool,
+            self.unlabeled_batch_size,
+            initial_patch_size,
+            self.configuration_manager.patch_size,
+            self.label_manager,
+            transforms,
+            pin_memory=self.device.type == "cuda",
+            seed=epoch_seed(self.fm.seed, self.current_epoch, self.local_rank, "unlabelled"),
+            pseudo_label_folder=pseudo_label_folder,
+        )
+
     # ----- the semi-supervised step -------------------------------------------------------------------------
     def semi_supervised_now(self) -> bool:
         return self.ssl_start_epoch is not None and self.current_epoch >= self.ssl_start_epoch
 
     def on_epoch_start(self) -> None:
         super().on_epoch_start()
-        self.seed_epoch()
-
-    def seed_epoch(self) -> None:
-        """Seed every random stream of this epoch from (seed, epoch, rank) alone, first thing in the epoch.
-
-        Why: what an epoch draws then depends on the seed, the epoch and the state a checkpoint holds (weights,
-        optimiser, teacher, pool, logs), never on what the process drew before it: nnU-Net's first batches in
-        ``get_dataloaders``, or the epochs a resumed run did not run. So ``--continue`` from any checkpoint replays
-        the epochs after it as the uninterrupted run drew them. The streams: Python's, NumPy's and torch's global
-        generators (nnU-Net's labelled and validation loaders and their augmentation, in this process), the
-        unlabelled stream's own state, and the strong-view generator; per rank, so DDP ranks draw different data.
-        nnU-Net's worker processes (``nnUNet_n_proc_DA`` > 0) seed themselves from the operating system: nothing
-        repeats them, resumed or not.
-        """
-        seed, epoch, rank = self.fm.seed, self.current_epoch, self.local_rank
-        augmentation = epoch_seed(seed, epoch, rank, "augmentation")
-        random.seed(augmentation)
-        np.random.seed(augmentation)
-        torch.manual_seed(augmentation)
-        if isinstance(self.dataloader_unlabeled, OwnRandomStream):
-            self.dataloader_unlabeled.reseed(epoch_seed(seed, epoch, rank, "unlabelled"))
-        self._view_rng.manual_seed(epoch_seed(seed, epoch, rank, "views"))
+        seed_epoch(self.fm.seed, self.current_epoch, self.local_rank, self.dataloader_unlabeled, self._view_rng)
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -336,7 +372,7 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         self._unlabeled_drawn = []
         self.start_semi_supervision_if_due()
         due = self.current_epoch in self.fm.filter_epochs
-        if due and not any(r["epoch"] == self.current_epoch for r in self.filter_rounds):
+        if due and not any(r.epoch == self.current_epoch for r in self.filter_rounds):
             if self.semi_supervised_now():
                 self.run_filter_round()
                 self.network.train()
@@ -384,38 +420,25 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         unlabeled = next(self.dataloader_unlabeled)
         self._unlabeled_drawn.extend(str(key) for key in unlabeled["keys"])
         weak = unlabeled["data"].to(self.device, non_blocking=True)
+        data = batch["data"].to(self.device, non_blocking=True)
+        targets = [t.to(self.device, non_blocking=True) for t in as_list(batch["target"])]
         model = self.pseudo_label_model()
         with torch.no_grad():
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-                weak_logits = _as_list(model(weak))
+                weak_logits = as_list(model(weak))
             pseudo, confident = pseudo_labels_for_scales(weak_logits, self.fm.tau, self.ignore_index)
             del weak_logits
-            flip = self.current_epoch >= self.fm.flip_from_epoch
-            transform = sample_geometric_transform([tuple(p.shape[-2:]) for p in pseudo], self._view_rng, flip)
-            strong = transform.apply(weak)
-            pseudo = [transform.apply(p) for p in pseudo]
-            if self.fm.strong_intensity:
-                strong = strong_intensity(strong, self._view_rng, p=self.fm.intensity_p)
-            if self.fm.cutout_p > 0 and float(torch.rand((), generator=self._view_rng)) < self.fm.cutout_p:
-                strong, pseudo = cutout(strong, pseudo, self._view_rng, self.ignore_index)
-            if self.fm.cutmix_p > 0 and float(torch.rand((), generator=self._view_rng)) < self.fm.cutmix_p:
-                strong, pseudo = cutmix(strong, pseudo, self._view_rng)
-            labeled_targets = [t.to(self.device, non_blocking=True) for t in _as_list(batch["target"])]
-            data = batch["data"].to(self.device, non_blocking=True)
-            if self.fm.copy_paste_p > 0 and float(torch.rand((), generator=self._view_rng)) < self.fm.copy_paste_p:
-                # BCP's box side: 2/3 of the patch, a labelled box with its true labels in each pseudo-labelled view
-                strong, pseudo = paste_boxes(strong, pseudo, data, labeled_targets, self._view_rng, 2 / 3)
+            views = StrongViewOptions.of(self.fm)
+            strong, pseudo = strong_view(
+                weak, pseudo, data, targets, self._view_rng, views, self.current_epoch, self.ignore_index
+            )
 
-        targets = [torch.cat([t, p.to(t.dtype)]) for t, p in zip(labeled_targets, pseudo)]
         assert self.ssl_start_epoch is not None
         weight = ramp_weight(self.current_epoch, self.ssl_start_epoch, self.fm.rampup_epochs or 0, self.fm.lambda_u)
         self.loss.n_labeled, self.loss.weight = data.shape[0], weight
-        joint = {
-            "data": torch.cat([data, strong]),
-            "target": targets if isinstance(batch["target"], (list, tuple)) else targets[0],
-        }
+        target = targets if isinstance(batch["target"], (list, tuple)) else targets[0]
         try:
-            result = super().train_step(joint)
+            result = super().train_step(joint_batch(data, target, strong, pseudo))
         finally:
             self.loss.n_labeled = None
         if self.teacher is not None:
@@ -425,46 +448,16 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
         )
         return self.watch_loss(result)
 
-    def watch_loss(self, result: dict) -> dict:
-        """Count consecutive non-finite training losses; stop the run at ``MAX_NON_FINITE_STEPS`` of them.
-
-        Free on the normal path: nnU-Net's ``train_step`` already returns the loss as a CPU scalar.
-        """
-        loss = float(np.asarray(result["loss"]).mean())
-        if math.isfinite(loss):
-            self._non_finite_steps = 0
-            self._non_finite_since = None
-            return result
-        self._non_finite_steps += 1
-        if self._non_finite_since is None:
-            self._non_finite_since = self.current_epoch
-            self.print_to_log_file(
-                f"warning: training loss {loss} at epoch {self.current_epoch}; the run stops after "
-                f"{MAX_NON_FINITE_STEPS} non-finite steps in a row"
-            )
-        if self._non_finite_steps >= MAX_NON_FINITE_STEPS:
-            raise NonFiniteTrainingError(
-                self._diverged(
-                    f"the training loss has been non-finite ({loss}) for {self._non_finite_steps} consecutive steps, "
-                    f"since epoch {self._non_finite_since}"
-                )
-            )
-        return result
-
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
-        stats = self._epoch_stats or [{"sup": float("nan"), "unsup": 0.0, "conf": float("nan"), "w": 0.0}]
-        log = self.logger.log
-        log("sup_losses", float(np.mean([s["sup"] for s in stats])), self.current_epoch)
-        log("unsup_losses", float(np.mean([s["unsup"] for s in stats])), self.current_epoch)
-        confs = [s["conf"] for s in stats if not np.isnan(s["conf"])]
-        log("confident_fraction", float(np.mean(confs)) if confs else float("nan"), self.current_epoch)
-        log("unsup_weight", float(stats[-1]["w"]), self.current_epoch)
-        log("pool_size", len(self.pool) if self.pool is not None else 0, self.current_epoch)
+        for key, value in epoch_summary(self._epoch_stats).items():
+            self.logger.log(key, value, self.current_epoch)
+        self.logger.log("pool_size", len(self.pool) if self.pool is not None else 0, self.current_epoch)
+        value = self.logger.get_value
         self.print_to_log_file(
-            f"sup_loss {self.logger.get_value('sup_losses', -1):.4f} unsup_loss "
-            f"{self.logger.get_value('unsup_losses', -1):.4f} (weight {stats[-1]['w']:.3f}) confident_fraction "
-            f"{self.logger.get_value('confident_fraction', -1):.3f} pool_size {self.logger.get_value('pool_size', -1)}"
+            f"sup_loss {value('sup_losses', -1):.4f} unsup_loss {value('unsup_losses', -1):.4f} (weight "
+            f"{value('unsup_weight', -1):.3f}) confident_fraction {value('confident_fraction', -1):.3f} pool_size "
+            f"{value('pool_size', -1)}"
         )
 
     def on_epoch_end(self) -> None:
@@ -495,98 +488,43 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
             "unlabeled_batch_size": self.unlabeled_batch_size if self.fm.uses_unlabeled else 0,
             "pool": list(self.pool) if self.pool is not None else None,
             "ssl_start_epoch": self.ssl_start_epoch,
-            "filter_rounds": [
-                {"epoch": r["epoch"], "dropped": sorted(c["case"] for c in r["cases"] if not c["kept"])}
-                for r in self.filter_rounds
-            ],
+            "filter_rounds": [{"epoch": r.epoch, "dropped": r.dropped} for r in self.filter_rounds],
             "student": distributed.state_digest(self.plain_network()),
             "teacher": distributed.state_digest(self.teacher),
             "unlabeled_drawn": sorted(set(self._unlabeled_drawn)),
         }
 
     # ----- the filter ---------------------------------------------------------------------------------------
-    def pool_logits(self, model: nn.Module, case_ids: list[str], desc: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each case's logits in the preprocessed geometry, by nnU-Net's sliding-window inference with ``model``."""
-        decoder = model.decoder
-        previous_ds = decoder.deep_supervision
-        decoder.deep_supervision = False
-        predictor = nnUNetPredictor(
-            tile_step_size=self.fm.filter_tile_step,
-            use_gaussian=True,
-            use_mirroring=self.fm.filter_mirroring,
-            perform_everything_on_device=self.device.type == "cuda",
-            device=self.device,
-            verbose=False,
-            verbose_preprocessing=False,
-            allow_tqdm=False,
-        )
-        predictor.manual_initialization(
-            model,
-            self.plans_manager,
-            self.configuration_manager,
-            None,
-            self.dataset_json,
-            type(self).__name__,
-            self.inference_allowed_mirroring_axes,
-        )
-        dataset = UnlabeledDataset(str(self.unlabeled_folder), list(case_ids))
-        try:
-            for case_id in tqdm(case_ids, desc=desc, unit="case", disable=self.local_rank != 0):
-                data = torch.from_numpy(np.ascontiguousarray(dataset.load_data(case_id)))
-                with torch.no_grad():
-                    yield case_id, predictor.predict_sliding_window_return_logits(data)
-        finally:
-            decoder.deep_supervision = previous_ds
-
     def score_pool(self, case_ids: list[str]) -> dict[str, float]:
         """Entropy score of every case with the pseudo-labelling model."""
-        scores: dict[str, float] = {}
-        for case_id, logits in self.pool_logits(
-            self.pseudo_label_model(), case_ids, f"filter round (epoch {self.current_epoch})"
-        ):
-            probs = torch.softmax(logits.float(), dim=0)
-            scores[case_id] = reduce_case_score(voxel_entropy(probs, dim=0), self.fm.score, self.fm.topk_fraction)
-        return scores
+        return score_cases(self, self.pseudo_label_model(), case_ids, f"filter round (epoch {self.current_epoch})")
 
-    def _score_shared(self, case_ids: list[str]) -> dict[str, float]:
-        """Window scores of ``case_ids`` on every rank; under DDP each case is scored by one rank only."""
-        mine = distributed.shard(case_ids)
-        return distributed.gather_scores(self.score_pool(mine) if mine else {})
-
-    def run_filter_round(self) -> dict[str, Any]:
-        """Score the pool, drop the most confident fraction, rebuild the unlabelled loader, record the round.
-
-        Under DDP the ranks share the scoring, rank 0's decision is broadcast, and every rank rebuilds its loader on
-        the same pool before a barrier.
+    def run_filter_round(self) -> FilterRound:
+        """Score the pool, drop the most confident fraction (``decide_round``), rebuild the unlabelled loader, record
+        the round. Under DDP each case is scored by one rank, rank 0's decision is broadcast, and every rank rebuilds
+        its loader on the same pool before a barrier.
         """
         assert self.pool is not None
         start = time.time()
         before = list(self.pool)
-        scores = self._score_shared(before)
-        dropped = set(select_cases_to_drop(scores, self.fm.filter_drop))
-        seconds = time.time() - start
-        record = {
-            "epoch": self.current_epoch,
-            "score": self.fm.score,
-            "mirroring": self.fm.filter_mirroring,
-            "tile_step": self.fm.filter_tile_step,
-            "pool_before": len(before),
-            "pool_after": len(before) - len(dropped),
-            "seconds": round(seconds, 3),
-            "cases": [{"case": c, "score": scores[c], "kept": c not in dropped} for c in sorted(before)],
-        }
+        mine = distributed.shard(before)
+        scores = distributed.gather_scores(self.score_pool(mine) if mine else {})
+        fm = self.fm
+        settings = {"score": fm.score, "mirroring": fm.filter_mirroring, "tile_step": fm.filter_tile_step}
+        record = decide_round(
+            before, scores, fm.filter_drop, epoch=self.current_epoch, seconds=time.time() - start, **settings
+        )
         if distributed.is_distributed():
-            record["world_size"] = distributed.world_size()
+            record = dataclasses.replace(record, world_size=distributed.world_size())
             record = distributed.broadcast_from_rank0(record)  # rank 0 decides; every rank follows
-            dropped = {c["case"] for c in record["cases"] if not c["kept"]}
-        self.pool = [c for c in before if c not in dropped]
+        self.pool = record.remaining(before)
         self.filter_rounds.append(record)
         if self.local_rank == 0:
             target = Path(self.output_folder) / FILTER_DIRNAME / f"epoch_{self.current_epoch:04d}.json"
-            atomic_write_text(target, json.dumps(record, indent=2))
+            atomic_write_text(target, json.dumps(record.to_json(), indent=2))
         self.print_to_log_file(
-            f"Filter round at epoch {self.current_epoch}: scored {len(before)} cases in {record['seconds']:.1f} s, "
-            f"dropped {len(dropped)} ({', '.join(sorted(dropped))}), pool now {len(self.pool)}"
+            f"Filter round at epoch {self.current_epoch}: scored {len(before)} cases in {record.seconds:.1f} s, "
+            f"dropped {len(record.dropped)} ({', '.join(record.dropped)}), pool now {len(self.pool)}"
         )
         if self.dataloader_unlabeled is not None:
             shutdown_loader(self.dataloader_unlabeled)
@@ -597,80 +535,27 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
     # ----- checkpoints --------------------------------------------------------------------------------------
     def state_for_checkpoint(self) -> dict[str, Any]:
         return {
-            "config": self.fm.to_dict(),
-            "mode": self.mode,
-            "trainer_class": f"{type(self).__module__}.{type(self).__name__}",
+            **super().state_for_checkpoint(),
             "pool": list(self.pool) if self.pool is not None else None,
-            "filter_rounds": copy.deepcopy(self.filter_rounds),
+            "filter_rounds": [r.to_json() for r in self.filter_rounds],
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             "ssl_start_epoch": self.ssl_start_epoch,
         }
 
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self.pool = self._pool_still_unlabeled(state["pool"])
+        self.filter_rounds = [FilterRound.from_json(r) for r in state["filter_rounds"]]
+        self.ssl_start_epoch = state.get("ssl_start_epoch")
+        if self.teacher is not None and state["teacher"] is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        for key in SSL_LOG_KEYS:
+            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
+
     def live_weight_sets(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The weight sets a checkpoint stores, as ``runs.checkpoint_weight_sets`` reads them back."""
-        sets = {"network_weights": self.plain_network().state_dict()}
+        sets = super().live_weight_sets()
         if self.teacher is not None:
             sets["teacher"] = self.teacher.state_dict()
         return sets
-
-    def save_checkpoint(self, filename: str) -> None:
-        # nnU-Net's save_checkpoint has no hook for extra state; its 'init_args' entry is saved and restored
-        # verbatim, so our state rides there, with a digest of the weights that loading verifies. Written under a
-        # temporary name, then renamed: a kill never leaves a truncated checkpoint behind.
-        sets = self.live_weight_sets()
-        # every rank checks (DDP keeps the weights identical), so every rank stops alike
-        bad = {part: names for part, weights in sets.items() if (names := non_finite_tensors(weights))}
-        if bad:
-            found = " and ".join(f"{len(n)} of {len(sets[p])} tensors of the {p} ({listed(n)})" for p, n in bad.items())
-            after = f", after the training loss became non-finite at epoch {self._non_finite_since}"
-            raise NonFiniteTrainingError(
-                self._diverged(
-                    f"the weights hold NaN or infinite values in {found}"
-                    f"{after if self._non_finite_since is not None else ''}; {Path(filename).name} was not written"
-                )
-            )
-        state = self.state_for_checkpoint()
-        if self.local_rank == 0 and not self.disable_checkpointing:  # the one process that writes
-            state[DIGEST_KEY] = weights_digests(sets)
-        self.my_init_kwargs[STATE_KEY] = state
-        partial = filename + ".partial"
-        try:
-            super().save_checkpoint(partial)
-        finally:
-            self.my_init_kwargs.pop(STATE_KEY, None)
-        # only the writer renames: under DDP another rank must not move rank 0's half-written file
-        if self.local_rank == 0 and os.path.isfile(partial):
-            os.replace(partial, filename)
-        if not self.disable_checkpointing:
-            self._good_checkpoints[Path(filename).name] = self.current_epoch
-
-    def _diverged(self, reason: str) -> str:
-        """The stop message: what went non-finite, the last good checkpoint, and how to resume from it."""
-        folder = Path(self.output_folder)
-        good = {name: epoch for name, epoch in self._good_checkpoints.items() if (folder / name).is_file()}
-        text = f"training stopped at epoch {self.current_epoch}: {reason}."
-        cure = f"a lower --lr (now {self.fm.lr}) or a look at the training data is the usual cure"
-        if not good:
-            return f"{text} No checkpoint was written before: start again with --overwrite ({cure})."
-        last = max(good, key=lambda name: (good[name], name == "checkpoint_latest.pth"))
-        text += f" The last good checkpoint is {folder / last} ({describe_epoch(good[last])}); nothing later was saved."
-        resume = next((name for name in RESUME_ORDER if (folder / name).is_file()), last)
-        if resume == last:
-            text += " `--continue` resumes from it"
-        else:
-            text += (
-                f" `--continue` resumes from {resume} ({describe_epoch(good.get(resume))}); to resume from {last}, "
-                f"copy it over {resume} first"
-            )
-        return f"{text}; if the loss turns non-finite again, {cure}."
-
-    def _start_epoch_before_the_gate(self) -> int | None:
-        """For a checkpoint written before ``ssl_start_epoch`` existed: pseudo-labels then started right after
-        warm-up, so a run already past it keeps that start instead of waiting on the new gate."""
-        warmup = self.fm.warmup_epochs or 0
-        if self.fm.uses_unlabeled and self.current_epoch > warmup:
-            return warmup
-        return None
 
     def _pool_still_unlabeled(self, pool: list[str] | None) -> list[str] | None:
         """The saved pool minus cases that left the unlabelled folder since (``prepare --add-labels``, or removed).
@@ -690,59 +575,6 @@ class nnFilterMatchTrainer(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming conve
                 "no longer draws what the uninterrupted one would."
             )
         return [case for case in pool if case in available]
-
-    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        if isinstance(filename_or_checkpoint, str):
-            # nnU-Net unpickles with weights_only=False; refuse a checkpoint with anything beyond plain data first,
-            # and one whose weights or optimizer state are not finite, or differ from their digest.
-            path = Path(filename_or_checkpoint)
-            try:
-                self._verify_optimizer_state(load_checkpoint_safely(path), path)
-            except CheckpointError as exc:
-                raise CheckpointError(f"{exc} {self._resume_alternatives(path)}") from exc
-        super().load_checkpoint(filename_or_checkpoint)
-        state = self.my_init_kwargs.pop(STATE_KEY, None)
-        if state is None:
-            raise PreparationError(
-                f"{filename_or_checkpoint} was not written by nnfiltermatch (no pool or filter state in it): "
-                "cannot continue it as a semi-supervised run. Start a new run in another results folder."
-            )
-        if state["mode"] != self.mode:
-            raise PreparationError(f"checkpoint is from mode {state['mode']!r}, this trainer runs {self.mode!r}")
-        self.pool = self._pool_still_unlabeled(state["pool"])
-        self.filter_rounds = state["filter_rounds"]
-        self.ssl_start_epoch = state.get("ssl_start_epoch", self._start_epoch_before_the_gate())
-        if self.teacher is not None and state["teacher"] is not None:
-            self.teacher.load_state_dict(state["teacher"])
-        for key in SSL_LOG_KEYS:
-            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
-        if isinstance(filename_or_checkpoint, str):
-            self._good_checkpoints[Path(filename_or_checkpoint).name] = self.current_epoch - 1
-
-    @staticmethod
-    def _verify_optimizer_state(checkpoint: dict[str, Any], path: Path) -> None:
-        """Momentum buffers are about half the file and not in the digest: a NaN there spoils the first step."""
-        entries = (checkpoint.get("optimizer_state") or {}).get("state") or {}
-        tensors = {f"{index}.{key}": value for index, entry in entries.items() for key, value in entry.items()}
-        bad = non_finite_tensors(tensors)
-        if bad:
-            raise CheckpointError(
-                f"{path}: unusable optimizer state: {len(bad)} of {len(tensors)} tensors of its optimizer_state hold "
-                f"NaN or infinite values ({listed(bad)}); resuming would turn every weight NaN at the first step."
-            )
-
-    @staticmethod
-    def _resume_alternatives(path: Path) -> str:
-        """Which other checkpoints in the fold folder are usable, and the commands that resume from one."""
-        others = usable_checkpoints_beside(path, RESUME_ORDER)
-        if not others:
-            return f"No other usable checkpoint in {path.parent}: start again with --overwrite."
-        listing = ", ".join(f"{name} ({describe_epoch(epoch)})" for name, epoch in others.items())
-        pick = max(others, key=lambda name: others[name] if others[name] is not None else -1)
-        return (
-            f"Usable checkpoints beside it: {listing}. To resume from {pick}: in {path.parent} run "
-            f"`mv {path.name} {path.name}.bad && cp {pick} {path.name}`, then train again with --continue."
-        )
 
 
 class nnFilterMatchTrainer_ssl(nnFilterMatchTrainer):  # noqa: N801
@@ -802,7 +634,7 @@ class nnFilterMatchTrainer_selftrain(nnFilterMatchTrainer):  # noqa: N801
         model = self.plain_network()
         was_training = model.training
         model.eval()
-        for case_id, logits in self.pool_logits(model, case_ids, "pseudo-labelling the unlabelled pool"):
+        for case_id, logits in pool_logits(self, model, case_ids, "pseudo-labelling the unlabelled pool"):
             save_pseudo_label(self.pseudo_label_folder, case_id, logits.argmax(0, keepdim=True).cpu().numpy())
         model.train(was_training)
         self.print_to_log_file(f"pseudo-labelled {len(case_ids)} unlabelled cases with the supervised model")
@@ -818,12 +650,7 @@ class nnFilterMatchTrainer_selftrain(nnFilterMatchTrainer):  # noqa: N801
 
     def train_step(self, batch: dict) -> dict:
         pseudo = next(self.dataloader_unlabeled)
-        target = _as_list(batch["target"])
-        joint_target = [torch.cat([t, p.to(t.dtype)]) for t, p in zip(target, _as_list(pseudo["target"]))]
-        joint = {
-            "data": torch.cat([batch["data"], pseudo["data"]]),
-            "target": joint_target if isinstance(batch["target"], (list, tuple)) else joint_target[0],
-        }
+        joint = joint_batch(batch["data"], batch["target"], pseudo["data"], pseudo["target"])
         assert isinstance(self.loss, SemiSupervisedLoss)
         self.loss.n_labeled = None  # nnU-Net's loss on every row: pseudo-labels count as labels
         result = nnUNetTrainer.train_step(self, joint)

@@ -212,7 +212,7 @@ def train(
 
     With ``continue_training`` the run resumes exactly as it would have gone on uninterrupted (on CPU with
     augmentation in this process, bit for bit): with the configuration stored beside the checkpoint, the labelled
-    cases it started with, and every random stream seeded per epoch (``nnFilterMatchTrainer.seed_epoch``). An
+    cases it started with, and every random stream seeded per epoch (``seeding.seed_epoch``). An
     explicit option that differs from the stored one (``--epochs`` and ``--seed`` included) and a changed labelled
     set are refused before any training, see :func:`check_continue`.
     ``num_processes`` > 1 spawns that many DDP processes (one per GPU on CUDA, gloo processes on CPU), as nnU-Net's

@@ -142,7 +142,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from nnfiltermatch.inference import PredictionError, predict_folder
+    from nnfiltermatch.inference import predict_folder
+    from nnfiltermatch.predict_cases import PredictionError
 
     model_dir = _model_dir_from_args(args, PredictionError)
     written = predict_folder(

@@ -208,7 +208,7 @@ def run_query(
     overwrite: bool = False,
 ) -> QueryResult:
     """Rank the unlabelled cases, first pick first; write the CSV (atomically), the top cases' PNGs and, with
-    ``export``, the annotation folder of the top ``top_n`` (see :func:`write_export`).
+    ``export``, the annotation folder of the top ``top_n`` (see :func:`~nnfiltermatch.query_export.write_export`).
 
     ``output`` None: ``<model_dir>/query_ranking_<strategy>.csv``; ``png_dir`` None: ``<csv stem>_png`` beside it
     (with ``export``: ``export/png``, one PNG per exported case). ``cases`` restricts the query to some unlabelled

@@ -101,7 +101,8 @@ def evaluate(
     from tqdm import tqdm
 
     from nnfiltermatch.layout import env_folder
-    from nnfiltermatch.query import REDUCTIONS, case_score, load_query_model, predict_case, uncertainty_map
+    from nnfiltermatch.query_model import load_query_model, predict_case
+    from nnfiltermatch.query_scores import REDUCTIONS, case_score, uncertainty_map
 
     model = load_query_model(model_dir, None, checkpoint, device, step_size)
     ending = model.predictor.dataset_json.get("file_ending", ".nii.gz")

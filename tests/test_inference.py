@@ -25,14 +25,8 @@ import torch
 from conftest import overwrite_tensor_bytes
 from nnfiltermatch import inference
 from nnfiltermatch.cli import main
-from nnfiltermatch.inference import (
-    PARTIAL_NAME,
-    PARTIAL_PREFIX,
-    CaseProgress,
-    atomic_plans_manager,
-    load_predictor,
-    predict_folder,
-)
+from nnfiltermatch.inference import CaseProgress, atomic_plans_manager, load_predictor, predict_folder
+from nnfiltermatch.predict_cases import PARTIAL_NAME, PARTIAL_PREFIX
 from nnfiltermatch.runs import DIGEST_KEY, STATE_KEY, CheckpointError, load_checkpoint_safely, resolve_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -609,16 +603,3 @@ def test_existing_outputs_are_refused_without_flags(
     code, err = _run_cli(capsys, *args, "--save-probabilities")
     assert code == 2 and f"({CASES[1]}.npz)" in err  # with probabilities, an .npz would be overwritten too
     assert (out / f"{CASES[1]}.npz").read_bytes() == b"x"
-
-
-@pytest.mark.parametrize("keep", [0, 10, 200, 0.5, 0.99])
-def test_a_cut_off_segmentation_is_not_complete(tmp_path: Path, keep: float) -> None:
-    """--continue_prediction must not keep a file that a killed in-place writer left, however short."""
-    source = SUBSET / "labelsTs" / f"{CASES[0]}.nii.gz"
-    whole = source.read_bytes()
-    cut = tmp_path / source.name
-    cut.write_bytes(whole[: int(keep * len(whole)) if isinstance(keep, float) else keep])
-    assert inference._complete_output_problem([cut], tmp_path, ".nii.gz") == f"{cut.name} is unreadable or truncated"
-    cut.write_bytes(whole)
-    assert inference._complete_output_problem([cut], tmp_path, ".nii.gz") is None
-    assert inference._complete_output_problem([tmp_path / "x.npz", cut], tmp_path, ".nii.gz") == "x.npz missing"

@@ -30,25 +30,11 @@ from nnfiltermatch.errors import DataValidationError, PreparationError
 from nnfiltermatch.inventory import build_inventory
 from nnfiltermatch.layout import LABELED_LIST_NAME, MANIFEST_NAME
 from nnfiltermatch.manifest import inputs_digest
-from nnfiltermatch.query import (
-    EXPORT_FOLDERS,
-    SCORE_TYPES,
-    SELECTION_CSV,
-    STRATEGIES,
-    QueryError,
-    RankedCase,
-    StrategyOptions,
-    bounding_box,
-    case_score,
-    check_export_target,
-    decide_reuse,
-    flip_combinations,
-    install_export,
-    most_uncertain_slice,
-    random_draw,
-    ranking_columns,
-    run_query,
-)
+from nnfiltermatch.query import decide_reuse, run_query
+from nnfiltermatch.query_export import SELECTION_CSV, ranking_columns
+from nnfiltermatch.query_model import QueryError
+from nnfiltermatch.query_scores import bounding_box
+from nnfiltermatch.query_strategies import random_draw
 from nnfiltermatch.runs import LATEST_QUERY, STATE_KEY
 
 TRAINER_DIR = f"nnFilterMatchTrainer__nnUNetPlans__{CONFIG}"
@@ -176,33 +162,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-# ----- pure pieces ------------------------------------------------------------------------------------------------
-def test_bounding_box_grows_by_margin_and_clips() -> None:
-    mask = np.zeros((10, 12, 8), dtype=bool)
-    mask[3, 4, 2] = mask[5, 7, 3] = True
-    assert bounding_box(mask) == (slice(3, 6), slice(4, 8), slice(2, 4))
-    assert bounding_box(mask, margin=2) == (slice(1, 8), slice(2, 10), slice(0, 6))
-    assert bounding_box(mask, margin=20) == (slice(0, 10), slice(0, 12), slice(0, 8))
-    assert bounding_box(np.zeros((4, 4))) is None
-    assert bounding_box(torch.tensor([[0, 0], [0, 2]]), 0) == (slice(1, 2), slice(1, 2))
-    with pytest.raises(ValueError, match="margin"):
-        bounding_box(mask, -1)
-
-
-def test_roi_score_uses_the_box_and_falls_back_to_the_whole_image() -> None:
-    umap = torch.zeros(6, 6, 6)
-    umap[2:4, 2:4, 2:4] = 1.0
-    prediction = torch.zeros(6, 6, 6, dtype=torch.long)
-    prediction[2:4, 2:4, 2:4] = 1
-    assert case_score(umap, prediction, roi=False) == pytest.approx(8 / 216)
-    assert case_score(umap, prediction, roi=True, roi_margin=0) == pytest.approx(1.0)
-    assert case_score(umap, prediction, roi=True, roi_margin=1) == pytest.approx(8 / 64)
-    assert case_score(umap, torch.zeros_like(prediction), roi=True) == pytest.approx(8 / 216)  # nothing predicted
-    assert most_uncertain_slice(umap) in (2, 3)
-    assert flip_combinations((0, 1, 2))[0] == () and len(flip_combinations((0, 1, 2))) == 8
-    assert flip_combinations(None) == [()]
-
-
+# ----- reuse of filter scores -------------------------------------------------------------------------------------
 def _state(teacher: str = "student") -> dict:
     return {"init_args": {STATE_KEY: {"config": {"mode": "filtermatch", "teacher": teacher, "topk_fraction": 0.1}}}}
 
@@ -239,60 +199,6 @@ def test_reuse_decision_requires_the_same_network_and_procedure() -> None:
     assert "ensembles 2" in decide_reuse(ckpt, [_round(2)], **same, n_folds=2).reason
     with pytest.raises(QueryError, match="--reuse-filter-scores"):
         decide_reuse(ckpt, [_round(2)], **same, policy="always")
-
-
-def test_strategy_registry_and_seeded_draws() -> None:
-    assert set(SCORE_TYPES) == {"entropy", "margin", "tta-variance"}
-    assert set(STRATEGIES) == {*SCORE_TYPES, "random", "foreground-random"}
-    assert all(STRATEGIES[s].voxel_map == s and STRATEGIES[s].predicts for s in SCORE_TYPES)
-    assert not STRATEGIES["random"].predicts and STRATEGIES["foreground-random"].predicts
-    cases = [f"case_{i:03d}" for i in range(30)]
-
-    def order(seed: int) -> list[str]:
-        return sorted(cases, key=lambda c: -random_draw(seed, c))
-
-    assert order(0) == order(0) and order(0) != order(1) and sorted(order(1)) == cases
-    assert all(0.0 <= random_draw(seed, c) < 1.0 for seed in range(3) for c in cases)
-    options = StrategyOptions(seed=3, min_foreground_ml=0.1)
-    rows = [RankedCase(c, 0.5, "computed", {1: 40 * i, 2: 0}, 0.001) for i, c in enumerate(cases)]  # 0.04 i mL
-    random_spec, foreground_spec = STRATEGIES["random"], STRATEGIES["foreground-random"]
-    kept = [r.case for r in rows if foreground_spec.priority(r, options) is not None]
-    assert kept == cases[3:]  # 0 (no foreground at all), 0.04 and 0.08 mL are not above 0.1 mL
-    for row in rows[3:]:  # the same draw as random: foreground-random is random's order, restricted
-        assert foreground_spec.priority(row, options) == random_spec.priority(row, options) == random_draw(3, row.case)
-    assert STRATEGIES["entropy"].priority(rows[0], options) == 0.5
-    with pytest.raises(ValueError, match="not predicted"):
-        foreground_spec.priority(RankedCase("x", 0.0, "reused"), options)
-
-
-def test_export_folder_refusals_and_replacement(tmp_path: Path) -> None:
-    check_export_target(tmp_path / "new", overwrite=False)  # a new folder, or an empty one, is fine
-    (tmp_path / "empty").mkdir()
-    check_export_target(tmp_path / "empty", overwrite=False)
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(QueryError, match="not a folder"):
-        check_export_target(tmp_path / "file", overwrite=True)
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "notes.txt").write_text("mine")
-    with pytest.raises(QueryError, match="not empty: give a new folder, or add --overwrite"):
-        check_export_target(other, overwrite=False)
-    with pytest.raises(QueryError, match="not an earlier query export"):
-        check_export_target(other, overwrite=True)
-    earlier = tmp_path / "earlier"
-    (earlier / EXPORT_FOLDERS["labels"]).mkdir(parents=True)
-    (earlier / SELECTION_CSV).write_text("old\n")
-    staging = tmp_path / ".earlier.partial-test"
-    staging.mkdir()
-    (staging / SELECTION_CSV).write_text("new\n")
-    assert install_export(staging, earlier, overwrite=True) == earlier
-    assert (earlier / SELECTION_CSV).read_text() == "new\n" and not staging.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "empty", "file", "other"]  # nothing left over
-    (earlier / EXPORT_FOLDERS["labels"]).mkdir()
-    (earlier / EXPORT_FOLDERS["labels"] / "case_001.nii.gz").write_bytes(b"a corrected mask")
-    with pytest.raises(QueryError, match="corrected masks that would be lost"):
-        check_export_target(earlier, overwrite=True)
-    assert (other / "notes.txt").read_text() == "mine"
 
 
 # ----- the query on a real model ----------------------------------------------------------------------------------
@@ -345,7 +251,7 @@ def test_score_types_and_reductions(model: Model) -> None:
 
 def test_roi_restricts_the_score_to_the_predicted_foreground(model: Model, tmp_path: Path) -> None:
     """A 2-epoch model predicts foreground everywhere; a background bias keeps only its 0.5% surest voxels."""
-    from nnfiltermatch.query import load_query_model
+    from nnfiltermatch.query_model import load_query_model
     from nnfiltermatch.uncertainty import voxel_entropy
 
     case = model.cases[0]
@@ -448,13 +354,13 @@ def test_errors_name_the_problem(model: Model, tmp_path: Path, capsys: pytest.Ca
 def test_random_strategies_are_seeded_and_foreground_random_leaves_out_empty_cases(
     model: Model, tmp_path: Path
 ) -> None:
-    import nnfiltermatch.query as query
+    import nnfiltermatch.query_model as query_model
 
     def no_prediction(*args: object, **kwargs: object) -> None:
         raise AssertionError("random must not predict")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(query, "predict_case", no_prediction)
+        mp.setattr(query_model, "predict_case", no_prediction)
         first = run_query(model.model_dir, strategy="random", seed=0, png_top=0, output=tmp_path / "r0.csv")
         again = run_query(model.model_dir, strategy="random", seed=0, png_top=0, output=tmp_path / "r0b.csv")
         other = run_query(model.model_dir, strategy="random", seed=1, png_top=0, output=tmp_path / "r1.csv")

@@ -142,7 +142,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from nnfiltermatch.inference import PredictionError, predict_folder
+    from nnfiltermatch.inference import predict_folder
+    from nnfiltermatch.predict_cases import PredictionError
 
     model_dir = _model_dir_from_args(args, PredictionError)
     written = predict_folder(
@@ -162,14 +163,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def add_query(sub: argparse._SubParsersAction) -> None:
-    from nnfiltermatch.query import (
-        DEFAULT_MIN_FOREGROUND_ML,
-        DEFAULT_PNG_TOP,
-        DEFAULT_SEED,
-        REDUCTIONS,
-        REUSE_POLICIES,
-        STRATEGIES,
-    )
+    from nnfiltermatch.query import DEFAULT_PNG_TOP, REUSE_POLICIES
+    from nnfiltermatch.query_scores import REDUCTIONS
+    from nnfiltermatch.query_strategies import DEFAULT_MIN_FOREGROUND_ML, DEFAULT_SEED, STRATEGIES
 
     p = sub.add_parser(
         "query",
@@ -241,7 +237,10 @@ def add_query(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from nnfiltermatch.query import EXPORT_FOLDERS, STRATEGIES, QueryError, format_ranking, run_query
+    from nnfiltermatch.query import format_ranking, run_query
+    from nnfiltermatch.query_export import EXPORT_FOLDERS
+    from nnfiltermatch.query_model import QueryError
+    from nnfiltermatch.query_strategies import STRATEGIES
 
     model_dir = _model_dir_from_args(args, QueryError)
     result = run_query(

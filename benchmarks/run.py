@@ -525,7 +525,8 @@ def run_experiment(
     """Train every mode and seed, evaluate on ``split`` (``test`` also evaluates the validation cases, if any)."""
     from nnfiltermatch.pool_filter import FilterRound
     from nnfiltermatch.runs import FILTER_DIRNAME, STATE_KEY, TRAINER_NAMES, load_checkpoint_safely, output_folder_for
-    from nnfiltermatch.training import TrainResult, finished_with, record_labelled_cases, train
+    from nnfiltermatch.training import TrainResult, train
+    from nnfiltermatch.training_checks import finished_with, record_labelled_cases
 
     _use_folders(exp)
     configuration = configuration_for(exp, profile)

@@ -16,7 +16,8 @@ import pytest
 from conftest import CONFIG, DATASET, LABELED, REPO
 from nnfiltermatch.cli import main
 from nnfiltermatch.evaluation_result import CaseRow, EvaluationResult
-from nnfiltermatch.reports import ReportError, build_report, filter_cut, plot_ssl_progress
+from nnfiltermatch.plots import filter_cut
+from nnfiltermatch.reports import ReportError, build_report
 from nnfiltermatch.runs import LATEST_QUERY, RunFolderError
 from test_query import TRAINER_DIR, nnunet_env, run_cli_subprocess, tiny_model_in_own_tree
 
@@ -124,18 +125,6 @@ def test_errors(model_dir: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "bad.json").write_text(json.dumps({"cases": []}))
     with pytest.raises(ReportError, match="not a summary"):
         build_report(model_dir, output=tmp_path / "x.html", evaluation=tmp_path / "bad.json")
-
-
-def test_ssl_progress_plot_still_written(tmp_path: Path) -> None:
-    logging = {
-        "sup_losses": [1.0, 0.8],
-        "unsup_losses": [0.0, 0.4],
-        "confident_fraction": [float("nan"), 0.3],
-        "pool_size": [10, 9],
-        "unsup_weight": [0.0, 1.0],
-    }
-    assert plot_ssl_progress(logging, tmp_path) == tmp_path / "progress_ssl.png"
-    assert plot_ssl_progress({"sup_losses": []}, tmp_path / "none") is None
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (apt-get install -y chromium)")

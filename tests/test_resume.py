@@ -21,7 +21,8 @@ from nnfiltermatch.errors import PreparationError
 from nnfiltermatch.manifest import PreparedDataset, load_prepared
 from nnfiltermatch.runs import FILTER_DIRNAME, STATE_KEY, output_folder_for
 from nnfiltermatch.trainer import nnFilterMatchTrainer
-from nnfiltermatch.training import finished_with, record_labelled_cases, train
+from nnfiltermatch.training import train
+from nnfiltermatch.training_checks import finished_with, record_labelled_cases
 
 # 4 epochs, rounds at the start of epochs 1 and 3, checkpoint_latest after epochs 1 (and 3: the last, so never);
 # every strong-view operation on, so the view generator is drawn from at every step

@@ -230,8 +230,8 @@ def _validation_note(folder: Path, save_probabilities: bool) -> str:
 
 def _validate_only(args: argparse.Namespace, dataset_name: str) -> int:
     """``train --val``: nnU-Net's final validation of a trained fold, nothing trained."""
+    from nnfiltermatch.final_validation import validate_trained
     from nnfiltermatch.runs import parse_fold
-    from nnfiltermatch.training import validate_trained
 
     folder = validate_trained(
         dataset_name,

@@ -104,12 +104,14 @@ class TrainConfig:
     val_iters_per_epoch: int = option(50, section=SCHEDULE)
     lr: float = option(1e-2, section=SCHEDULE)
     weight_decay: float = option(3e-5, section=SCHEDULE)
-    batch_size: int | None = option(None, help="labelled batch size", section=SCHEDULE, default_text="the plan's")
+    batch_size: int | None = option(
+        None, help="labelled batch size", section=SCHEDULE, default_text="the plan's batch size"
+    )
     save_every: int = option(50, help="write checkpoint_latest.pth every N epochs", section=SCHEDULE)
     # semi-supervised step
     unlabeled_ratio: float = option(1.0, help="unlabelled : labelled batch size", section=SEMI_SUPERVISED)
     warmup_epochs: int | None = option(
-        None, help="supervised-only epochs first", section=SEMI_SUPERVISED, default_text="10% of --epochs"
+        None, help="supervised-only epochs first", section=SEMI_SUPERVISED, default_text="10% of epochs"
     )
     # the unlabelled term starts only once the validation pseudo-Dice of every class reached this (0: at warm-up end)
     ssl_start_dice: float = option(
@@ -131,7 +133,7 @@ class TrainConfig:
         section=SEMI_SUPERVISED,
     )
     rampup_epochs: int | None = option(
-        None, help="linear ramp of lambda-u after warm-up", section=SEMI_SUPERVISED, default_text="20% of --epochs"
+        None, help="linear ramp of lambda-u after warm-up", section=SEMI_SUPERVISED, default_text="20% of epochs"
     )
     flip_from_epoch: int = option(
         0, help="add random in-plane flips to the strong view from this epoch", section=SEMI_SUPERVISED
@@ -149,7 +151,7 @@ class TrainConfig:
     # the filter
     filter_start: int | None = option(None, help="first filter epoch", section=FILTER, default_text="epochs/3")
     filter_every: int | None = option(
-        None, help="epochs between filter rounds", section=FILTER, default_text="epochs/3"
+        None, help="epochs between filter rounds", section=FILTER, default_text="ceil(epochs/3)"
     )
     filter_drop: float = option(0.15, help="fraction of the pool dropped per round", section=FILTER)
     score: str = option("mean", help="per-case reduction of voxel entropy", choices=SCORES, section=FILTER)

@@ -258,7 +258,7 @@ class nnFilterMatchTrainer(RunTrainer):  # noqa: N801 (nnU-Net's naming conventi
     def on_epoch_end(self) -> None:
         super().on_epoch_end()
         if self.local_rank == 0:
-            from nnfiltermatch.reports import plot_ssl_progress
+            from nnfiltermatch.plots import plot_ssl_progress
 
             plot_ssl_progress(self.logger.local_logger.my_fantastic_logging, Path(self.output_folder))
 

@@ -17,20 +17,20 @@ import numpy as np
 import torch
 
 from nnfiltermatch import distributed
-from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig, option_flag
+from nnfiltermatch.config import CONFIG_FILENAME, PLANS_KEY, TrainConfig
 from nnfiltermatch.errors import PreparationError
 from nnfiltermatch.layout import preprocessed_root
 from nnfiltermatch.locks import LOCK_NAME, LockError, run_lock
-from nnfiltermatch.manifest import PreparedDataset, check_prepared_plans, load_prepared
+from nnfiltermatch.manifest import check_prepared_plans, load_prepared
 from nnfiltermatch.rounds import check_round_for_training, record_trained_model
-from nnfiltermatch.runs import (
-    CHECKPOINTS,
-    FILTER_DIRNAME,
-    TRAINER_NAMES,
-    current_checkpoint,
-    load_checkpoint_safely,
-    output_folder_for,
-    trainer_state,
+from nnfiltermatch.runs import FILTER_DIRNAME, TRAINER_NAMES, current_checkpoint, output_folder_for
+from nnfiltermatch.training_checks import (
+    LABELED_IDS_KEY,
+    check_continue,
+    finished_with,
+    record_labelled_cases,
+    require_unlabeled,
+    validation_checkpoint_file,
 )
 
 if TYPE_CHECKING:
@@ -257,68 +257,6 @@ def train(
         return result
 
 
-def _validation_checkpoint_file(out: Path, checkpoint: str, option: str) -> Path:
-    """The checkpoint a validation reads (``final``/``best``); refused, naming the file, when it is not there."""
-    path = out / CHECKPOINTS[checkpoint]
-    if path.is_file():
-        return path
-    found = sorted(p.name for p in out.glob("checkpoint_*.pth")) if out.is_dir() else []
-    if not found:
-        state = f"{out} holds no checkpoint: this fold is not trained (train it first, without {option})"
-    elif checkpoint == "final":
-        state = (
-            f"the folder holds only {', '.join(found)}: the training did not finish (resume it with --continue), or "
-            "validate with checkpoint_best.pth (--val --val_best)"
-        )
-    else:
-        state = f"the folder holds {', '.join(found)}: no best checkpoint was saved; validate checkpoint_final (--val)"
-    raise PreparationError(f"{option}: {path} does not exist; {state}")
-
-
-def validate_trained(
-    dataset_name: str,
-    configuration: str,
-    fold: int | str,
-    mode: str,
-    device: str,
-    *,
-    save_probabilities: bool = False,
-    checkpoint: str = "final",
-    round_number: int | None = None,
-    plans_name: str | None = None,
-) -> Path:
-    """``train --val``: only nnU-Net's final validation of a trained fold, as ``nnUNetv2_train --val`` runs it.
-
-    From checkpoint_final.pth (``checkpoint`` "best": checkpoint_best.pth), with the configuration stored beside it,
-    into the fold's ``validation/`` (``save_probabilities``: also each case's softmax ``.npz`` + ``.pkl``, what
-    nnU-Net's ensembling and ``nnUNetv2_find_best_configuration`` read). One process; refused, naming the file, when
-    the checkpoint is not there. Returns the validation folder.
-    """
-    prepared = load_prepared(dataset_name)
-    check_prepared_plans(prepared, plans_name)
-    option = "--val --val_best" if checkpoint == "best" else "--val"
-    if distributed.launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise PreparationError(f"{option} runs in one process: start it without torchrun")
-    torch_device = configure_runtime(device)  # before nnU-Net's configuration module reads the variables
-    out = output_folder_for(dataset_name, TRAINER_NAMES[mode], prepared.plans_name, configuration, fold, round_number)
-    path = _validation_checkpoint_file(out, checkpoint, option)
-    stored = out / CONFIG_FILENAME
-    if stored.is_file():
-        config = TrainConfig.from_dict(json.loads(stored.read_text()))
-    else:  # an older folder: the configuration rides in the checkpoint too
-        state = trainer_state(load_checkpoint_safely(path))
-        if not state.get("config"):
-            raise PreparationError(f"{option}: {path} was not written by nnfiltermatch (no configuration in it)")
-        config = TrainConfig.from_dict(state["config"])
-    with model_folder_lock([out], f"train {option}"):
-        seed_everything(config.seed)
-        make_repeatable(config.deterministic, torch_device)
-        trainer = build_trainer(dataset_name, configuration, fold, config, torch_device, output_folder=out)
-        trainer.load_checkpoint(str(path))
-        trainer.perform_actual_validation(save_probabilities=save_probabilities)
-    return out / "validation"
-
-
 def selftrain_stages(config: TrainConfig) -> tuple[TrainConfig, TrainConfig]:
     """The two trainings of offline self-training at the compute of one semi-supervised run.
 
@@ -332,78 +270,6 @@ def selftrain_stages(config: TrainConfig) -> tuple[TrainConfig, TrainConfig]:
     return supervised, stage2
 
 
-# config.extra key: the labelled case IDs a run started with (the dataset's, as prepare left them)
-LABELED_IDS_KEY = "labeled_ids"
-
-
-def record_labelled_cases(config: TrainConfig, prepared: PreparedDataset) -> None:
-    """Note in ``config`` the labelled cases this run trains on, so ``--continue`` can tell when they changed."""
-    config.extra = {**config.extra, LABELED_IDS_KEY: sorted(prepared.labeled_ids)}
-
-
-def finished_with(out: Path, config: TrainConfig) -> bool:
-    """A finished run in ``out`` trained with exactly ``config`` and the same labelled cases (bookkeeping aside):
-    with a deterministic configuration it is the model that training again would give, so it can be reused."""
-    stored = out / CONFIG_FILENAME
-    if not (out / "checkpoint_final.pth").is_file() or not stored.is_file():
-        return False
-    theirs_config = TrainConfig.from_dict(json.loads(stored.read_text()))
-    theirs_cases, ours_cases = theirs_config.extra.get(LABELED_IDS_KEY), config.extra.get(LABELED_IDS_KEY)
-    if theirs_cases is not None and ours_cases is not None and sorted(theirs_cases) != sorted(ours_cases):
-        return False
-    ignore = {"extra", "labeled_fraction"}
-    theirs = {k: v for k, v in theirs_config.to_dict().items() if k not in ignore}
-    ours = {k: v for k, v in config.to_dict().items() if k not in ignore}
-    return theirs == ours
-
-
-def _listed_cases(cases: list[str], limit: int = 5) -> str:
-    more = f" and {len(cases) - limit} more" if len(cases) > limit else ""
-    return ", ".join(cases[:limit]) + more
-
-
-def check_continue(stored: TrainConfig, config: TrainConfig, explicit_options: frozenset[str], where: Path) -> None:
-    """Refuse a ``--continue`` that cannot be the run it continues, naming each option with both values.
-
-    ``stored``: the configuration in ``where`` (the run's); ``config``: this command's, with its labelled cases.
-    Why each is refused rather than applied: ``--epochs`` set the learning-rate schedule (nnU-Net's polynomial decay
-    to 0 at the last epoch), the warm-up, the ramp and the filter rounds of the epochs already trained, so no run
-    of the new length trains them so; ``--seed`` drew every batch of them; a changed labelled set (``prepare`` with
-    another list re-plans and replaces the model folder's plans.json; ``--add-labels`` moves cases) trained none of
-    them. Any other option changes the method half-way.
-    """
-    options = []
-    for name in sorted(explicit_options):
-        theirs, ours = getattr(stored, name), getattr(config, name)
-        if ours == theirs:
-            continue
-        why = {
-            "epochs": ": the learning-rate schedule, warm-up, ramp and filter rounds of the epochs already trained "
-            "follow from it",
-            "seed": ": the epochs already trained drew their batches and views from it",
-        }.get(name, "")
-        options.append(f"{option_flag(name)} {ours} (stored {theirs}){why}")
-    problems = list(options)
-    before, now = stored.extra.get(LABELED_IDS_KEY), config.extra.get(LABELED_IDS_KEY)
-    if before is not None and now is not None and sorted(before) != sorted(now):
-        added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
-        change = [f"added {_listed_cases(added)}"] if added else []
-        change += [f"no longer labelled {_listed_cases(removed)}"] if removed else []
-        problems.append(
-            f"the labelled cases of the prepared dataset: {len(now)} now, {len(before)} when the run started "
-            f"({'; '.join(change)}): the epochs already trained learnt from the old set"
-        )
-    if problems:
-        leave = "Leave these options out (or give the stored values) to resume it. " if options else ""
-        raise PreparationError(
-            f"--continue resumes the run in {where.parent} as it would have gone on uninterrupted, with the "
-            f"configuration stored in {where} and the labelled cases it started with; it cannot honour:\n  "
-            + "\n  ".join(problems)
-            + f"\n{leave}To train with other values or labelled cases, start a new run: --overwrite replaces this "
-            "one; after `prepare --add-labels`, `train --round K` trains round K into its own folder."
-        )
-
-
 def _self_train(
     dataset_name: str,
     configuration: str,
@@ -414,7 +280,7 @@ def _self_train(
     """``--mode selftrain``: the supervised run (reused when a finished one has the same options), then stage 2."""
     supervised, stage2 = selftrain_stages(config)
     prepared = load_prepared(dataset_name)
-    _require_unlabeled(prepared, config, dataset_name)  # before stage 1, not after it
+    require_unlabeled(prepared, config, dataset_name)  # before stage 1, not after it
     record_labelled_cases(supervised, prepared)  # finished_with reuses stage 1 only if trained on these cases
     if supervised.labeled_fraction is None:
         supervised.labeled_fraction = prepared.labeled_fraction
@@ -470,14 +336,6 @@ def _self_train_locked(
     return result
 
 
-def _require_unlabeled(prepared: PreparedDataset, config: TrainConfig, dataset_name: str) -> None:
-    if config.uses_unlabeled and not prepared.unlabeled_ids:
-        raise PreparationError(
-            f"mode {config.mode} needs unlabelled images but {dataset_name} was prepared without any: add images to "
-            "imagesUnlabeled/ or prepare with a labelled list, or use --mode supervised"
-        )
-
-
 def _check_and_join_group(device: str, num_processes: int, backend: str | None) -> bool:
     """Refuse impossible multi-process requests before any work; join torchrun's group. True: we created it."""
     if num_processes < 1:
@@ -515,7 +373,7 @@ def _train(
                 f"-c {configuration} is not preprocessed: run `nnfiltermatch prepare -d {dataset_name} -c "
                 f"{configuration}` first"
             )
-    _require_unlabeled(prepared, config, dataset_name)
+    require_unlabeled(prepared, config, dataset_name)
     if fold != "all" and len(prepared.labeled_ids) < 5:
         raise PreparationError(
             f"-f {fold}: nnU-Net's 5-fold split needs at least 5 labelled cases, {dataset_name} has "
@@ -615,5 +473,5 @@ def _run_trainer(
     trainer.run_training()
     if run.final_validation:
         if run.validation_checkpoint != "final":  # after training the weights are checkpoint_final's
-            trainer.load_checkpoint(str(_validation_checkpoint_file(out, run.validation_checkpoint, "--val_best")))
+            trainer.load_checkpoint(str(validation_checkpoint_file(out, run.validation_checkpoint, "--val_best")))
         trainer.perform_actual_validation(save_probabilities=run.save_probabilities)

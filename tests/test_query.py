@@ -170,8 +170,8 @@ def _state(teacher: str = "student") -> dict:
 def _round(epoch: int, **extra: object) -> dict:
     cases = [
         {"case": "a", "score": 0.5, "kept": True},
-        {"case": "b", "score": 0.7, "kept": True, "source": "running"},  # a round file of an older version
-        {"case": "c", "score": 0.9, "kept": True, "source": "window"},  # likewise
+        {"case": "b", "score": 0.7, "kept": True},
+        {"case": "c", "score": float("nan"), "kept": True},  # a case the filter could not score
     ]
     return {"epoch": epoch, "score": "mean", "mirroring": False, "tile_step": 1.0, "cases": cases, **extra}
 
@@ -180,8 +180,8 @@ def test_reuse_decision_requires_the_same_network_and_procedure() -> None:
     ckpt = {**_state(), "current_epoch": 2}
     same = {"score": "entropy", "reduce": "mean", "topk_fraction": 0.1, "roi": False, "step_size": 1.0}
     decision = decide_reuse(ckpt, [_round(1), _round(2)], **same)
-    # b was scored by the removed --filter-scoring running: recomputed
-    assert decision.reused and decision.scores == {"a": 0.5, "c": 0.9} and decision.epoch == 2
+    # c has no finite score: recomputed
+    assert decision.reused and decision.scores == {"a": 0.5, "b": 0.7} and decision.epoch == 2
     refusals = {
         "changed since": (ckpt | {"current_epoch": 3}, [_round(1), _round(2)], same),
         "EMA teacher": ({**_state("ema"), "current_epoch": 2}, [_round(2)], same),

@@ -123,12 +123,10 @@ def decide_reuse(
         return no("the filter scored with mirroring, this query without")
     if not math.isclose(float(last.get("tile_step", -1.0)), step_size):
         return no(f"the filter's tile step was {last.get('tile_step')}, this query's is {step_size}")
-    # round files of older versions may mark cases "source": "running" (the removed --filter-scoring running):
-    # those scores came from training crops, not from this network's sliding window, so they are not reused
     scores = {
         str(c["case"]): float(c["score"])
         for c in last.get("cases") or []
-        if c.get("source", "window") == "window" and c.get("score") is not None and math.isfinite(float(c["score"]))
+        if c.get("score") is not None and math.isfinite(float(c["score"]))
     }
     if not scores:
         return no(f"the filter round at epoch {epoch} scored no case by sliding window")

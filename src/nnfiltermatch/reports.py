@@ -164,9 +164,8 @@ def build_report(
             if dropped
             else "<p>No case dropped.</p>"
         )
-        scoring = html.escape(str(record.get("scoring", "window")))
         info = (
-            f"pool {record.get('pool_before')} &rarr; {record.get('pool_after')}, scored by {scoring} in "
+            f"pool {record.get('pool_before')} &rarr; {record.get('pool_after')}, scored by sliding window in "
             f"{float(record.get('seconds', 0.0)):.1f} s; cut {'n/a' if cut is None else f'{cut:.5g}'}"
         )
         image = f'<img alt="filter round {record["epoch"]}" src="{hist}">' if hist else ""

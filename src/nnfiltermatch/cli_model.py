@@ -21,6 +21,15 @@ def _checkpoint(value: str) -> str:
     raise argparse.ArgumentTypeError(f"invalid checkpoint {value!r}: give one of {allowed}")
 
 
+def _add_model_folder_name(p: argparse.ArgumentParser, verb: str) -> None:
+    """-d/-c/--mode/-p/--round: the model folder named as train wrote it in nnU-Net's results layout."""
+    p.add_argument("-d", "--dataset", help="dataset ID or name: with -c and --mode, finds the folder train wrote")
+    p.add_argument("-c", "--configuration", help="e.g. 3d_fullres, 3d_fullres_cpu")
+    p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
+    p.add_argument("-p", "--plans", default=None, help=PLANS_HELP)
+    add_round(p, f"with -d/-c/--mode, {verb} the model in")
+
+
 def _add_checkpoint(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
@@ -90,11 +99,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "-m", "--model-dir", type=Path, help="trained model folder (plans.json, fold_X/); instead of -d/-c/--mode"
     )
-    p.add_argument("-d", "--dataset", help="dataset ID or name: with -c and --mode, finds the folder train wrote")
-    p.add_argument("-c", "--configuration", help="e.g. 3d_fullres, 3d_fullres_cpu")
-    p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
-    p.add_argument("-p", "--plans", default=None, help=PLANS_HELP)
-    add_round(p, "with -d/-c/--mode, predict with the model in")
+    _add_model_folder_name(p, "predict with")
     p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble, e.g. -f 0 1 2 or -f all (default: found)")
     _add_checkpoint(p)
     add_device(p)
@@ -173,11 +178,7 @@ def add_query(sub: argparse._SubParsersAction) -> None:
         "for annotation",
     )
     p.add_argument("-m", "--model-dir", type=Path, help="trained model folder (plans.json, fold_X/)")
-    p.add_argument("-d", "--dataset", help="dataset ID or name: with -c and --mode, finds the folder train wrote")
-    p.add_argument("-c", "--configuration", help="e.g. 3d_fullres, 3d_fullres_cpu")
-    p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
-    p.add_argument("-p", "--plans", default=None, help=PLANS_HELP)
-    add_round(p, "with -d/-c/--mode, rank with the model in")
+    _add_model_folder_name(p, "rank with")
     p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: found); reuse needs one fold")
     _add_checkpoint(p)
     p.add_argument("-n", "--top", type=int, help="list only the N first picks (with --export: the N exported)")
@@ -310,11 +311,7 @@ def add_report(sub: argparse._SubParsersAction) -> None:
         metavar="MODEL_DIR",
         help="a fold folder, or a model folder with one fold (or name it with -d/-c/--mode/--round)",
     )
-    p.add_argument("-d", "--dataset", help="dataset ID or name: with -c and --mode, finds the folder train wrote")
-    p.add_argument("-c", "--configuration", help="e.g. 3d_fullres, 3d_fullres_cpu")
-    p.add_argument("--mode", choices=MODES, default=None, help="the trained mode (default filtermatch)")
-    p.add_argument("-p", "--plans", default=None, help=PLANS_HELP)
-    add_round(p, "with -d/-c/--mode, report on the model in")
+    _add_model_folder_name(p, "report on")
     p.add_argument("-f", "--fold", help="the fold, when MODEL_DIR holds several")
     p.add_argument("-o", "--output", type=Path, help="HTML file (default MODEL_DIR/fold_X/report.html)")
     p.add_argument(

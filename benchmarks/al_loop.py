@@ -180,7 +180,7 @@ class Arm:
 
     def score(self, round_number: int) -> dict[str, Any]:
         """Test Dice of round K's model (voxels, no mirroring, as benchmarks/run.py scores)."""
-        from nnfiltermatch.evaluation import evaluate_folders
+        from nnfiltermatch.evaluation.evaluate import evaluate_folders
 
         predictions = self.root / f"test_round{round_number}"
         self.command("predict", "-i", str(self.data.test_images), "-o", str(predictions),

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
+from nnfiltermatch.commands.training import configure_runtime
 from nnfiltermatch.config import resolve_config
+from nnfiltermatch.data.layout import dataset_name_from_id
 from nnfiltermatch.files import atomic_write_text
-from nnfiltermatch.layout import dataset_name_from_id
-from nnfiltermatch.training import configure_runtime
 
 # ssl twins: "never" waits for a pseudo-Dice no model reaches; "from epoch 1" starts right after one warm-up epoch
 RUNS = (
@@ -54,7 +54,7 @@ def seconds_per_iteration(checkpoint: dict, iterations: int, first_epoch: int) -
 
 
 def run_setting(dataset: str, configuration: str, device: str, workers: int, args: argparse.Namespace) -> dict:
-    from nnfiltermatch.training import train
+    from nnfiltermatch.commands.training import train
 
     os.environ["nnUNet_n_proc_DA"] = str(workers)
     runs: dict[str, Any] = {}

@@ -40,11 +40,11 @@ def main() -> None:
     import run as bench  # benchmarks/run.py: the experiment layouts
     from determinism import weights_digest
 
+    from nnfiltermatch.commands.predict import predict_folder
+    from nnfiltermatch.commands.training import train
     from nnfiltermatch.config import resolve_config
-    from nnfiltermatch.evaluation import evaluate_folders
-    from nnfiltermatch.inference import predict_folder
+    from nnfiltermatch.evaluation.evaluate import evaluate_folders
     from nnfiltermatch.runs import load_checkpoint_safely
-    from nnfiltermatch.training import train
 
     exp = bench.SETUPS[args.dataset](args.shared, args.work.resolve(), args.labeled)
     bench._use_folders(exp)

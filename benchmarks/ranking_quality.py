@@ -79,7 +79,7 @@ def true_dice(model: Any, logits: Any, properties: dict, reference: Any, labels:
     import numpy as np
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
-    from nnfiltermatch.metrics import dice
+    from nnfiltermatch.evaluation.metrics import dice
 
     predictor = model.predictor
     segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
@@ -100,9 +100,9 @@ def evaluate(
     from scipy.stats import spearmanr
     from tqdm import tqdm
 
-    from nnfiltermatch.layout import env_folder
-    from nnfiltermatch.query_model import load_query_model, predict_case
-    from nnfiltermatch.query_scores import REDUCTIONS, case_score, uncertainty_map
+    from nnfiltermatch.commands.query_model import load_query_model, predict_case
+    from nnfiltermatch.data.layout import env_folder
+    from nnfiltermatch.method.query_scores import REDUCTIONS, case_score, uncertainty_map
 
     model = load_query_model(model_dir, None, checkpoint, device, step_size)
     ending = model.predictor.dataset_json.get("file_ending", ".nii.gz")
@@ -214,7 +214,7 @@ def main() -> int:
 
     import torch
 
-    from nnfiltermatch.training import configure_runtime
+    from nnfiltermatch.commands.training import configure_runtime
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     configure_runtime(device)  # CPU: no compile, 1 nnU-Net worker thread pool (set before nnunetv2 is imported)

@@ -193,7 +193,7 @@ def setup_hippocampus(
     entirely, to choose schedules and defaults on without reading the test cases; it is its own dataset (907).
     ``labeled_key`` ``all``: every training case labelled, the ceiling at a schedule.
     """
-    from nnfiltermatch.labeled_lists import sample_labeled_ids, write_labeled_list
+    from nnfiltermatch.data.labeled_lists import sample_labeled_ids, write_labeled_list
 
     if labeled_key not in HIPPOCAMPUS_FRACTIONS:
         sys.exit(f"--labeled for hippocampus: one of {', '.join(HIPPOCAMPUS_FRACTIONS)}")
@@ -257,7 +257,7 @@ def setup_acdc(shared: Path, work: Path, labeled_key: str, validation_cases: int
     seed 1 among the unlabelled training patients of either protocol) out of training entirely, as their own dataset
     (908), to choose schedules and defaults on without reading the test volumes.
     """
-    from nnfiltermatch.converters_acdc import convert_acdc_h5
+    from nnfiltermatch.data.converters_acdc import convert_acdc_h5
 
     name = "Dataset905_ACDCBench"
     raw_root, raw = _convert_once(
@@ -293,7 +293,7 @@ def setup_acdc(shared: Path, work: Path, labeled_key: str, validation_cases: int
         raw = split_raw
         validation_images, validation_labels = raw / "imagesVal", raw / "labelsVal"
     if labeled_key == "all":  # the ceiling: every training volume labelled (validation volumes stay held out)
-        from nnfiltermatch.labeled_lists import write_labeled_list
+        from nnfiltermatch.data.labeled_lists import write_labeled_list
 
         labeled_list = base / "labeled_all.txt"
         training = sorted(p.name[: -len("_0000.nii.gz")] for p in (raw / "imagesTr").glob("*_0000.nii.gz"))
@@ -322,7 +322,7 @@ def _read_list(path: Path) -> list[str]:
 
 def setup_la(shared: Path, work: Path, labeled_key: str) -> Experiment:
     """LA (UA-MT layout). The shared subset has no test list: its 8 unlabelled cases double as the test set."""
-    from nnfiltermatch.converters_la import convert_la_h5
+    from nnfiltermatch.data.converters_la import convert_la_h5
 
     name = "Dataset906_LABench"
     raw_root, raw = _convert_once(
@@ -372,7 +372,7 @@ def configuration_for(exp: Experiment, profile: Profile) -> str:
 
 
 def prepare_experiment(exp: Experiment, profile: Profile, num_processes: int) -> Any:
-    from nnfiltermatch.preparation import prepare
+    from nnfiltermatch.data.preparation import prepare
 
     _use_folders(exp)
     return prepare(
@@ -402,8 +402,8 @@ def fit_to_budget(profile: Profile, cost: dict, modes: tuple[str, ...], seconds:
 
 def _evaluate(exp: Experiment, images: Path, labels: Path, model: Path, pred_dir: Path, device: str) -> dict:
     """Predict one split with the final model and evaluate it in voxels; the label maps are not kept."""
-    from nnfiltermatch.evaluation import evaluate_folders
-    from nnfiltermatch.inference import predict_folder
+    from nnfiltermatch.commands.predict import predict_folder
+    from nnfiltermatch.evaluation.evaluate import evaluate_folders
 
     if pred_dir.exists():
         shutil.rmtree(pred_dir)
@@ -523,10 +523,10 @@ def run_experiment(
     split: str = "test",
 ) -> dict:
     """Train every mode and seed, evaluate on ``split`` (``test`` also evaluates the validation cases, if any)."""
-    from nnfiltermatch.pool_filter import FilterRound
+    from nnfiltermatch.commands.training import TrainResult, train
+    from nnfiltermatch.commands.training_checks import finished_with, record_labelled_cases
+    from nnfiltermatch.method.pool_filter import FilterRound
     from nnfiltermatch.runs import FILTER_DIRNAME, STATE_KEY, TRAINER_NAMES, load_checkpoint_safely, output_folder_for
-    from nnfiltermatch.training import TrainResult, train
-    from nnfiltermatch.training_checks import finished_with, record_labelled_cases
 
     _use_folders(exp)
     configuration = configuration_for(exp, profile)
@@ -622,6 +622,7 @@ def run_experiment(
                 "validation": validation,
                 "validation_teacher": validation_teacher,  # the same run predicting with its EMA teacher
                 "config": config.to_dict(),
+                "commit": _commit(),  # the code this run trained with (seeds of one table can differ)
             }
             atomic_write_text(done, json.dumps(record, indent=2, default=float))
             runs.append(record)

@@ -11,7 +11,7 @@ per-case reduction), once per scoring variant:
 4. tile step 1.0, no mirroring (our default).
 
 For each: Spearman's rho against the reference, how many of the cases a filter round would drop (the most confident
-``filter_drop`` share, :func:`nnfiltermatch.uncertainty.select_cases_to_drop`) are also in the reference's drop
+``filter_drop`` share, :func:`nnfiltermatch.method.uncertainty.select_cases_to_drop`) are also in the reference's drop
 set, and seconds for the whole pool. The pool is scored in chunks with the variants interleaved (their order rotated
 per chunk), so load from other jobs on a shared machine falls on all variants alike.
 
@@ -87,8 +87,8 @@ def use_folders(model_dir: Path, scratch: Path, preprocessed: Path | None) -> No
 def load_scoring_trainer(model_dir: Path, fold: str, checkpoint: str, device: Any):
     """Our trainer with the model's plans, configuration and checkpoint (student, EMA teacher, mirror axes)."""
     from nnfiltermatch.config import PLANS_KEY, TrainConfig
+    from nnfiltermatch.nnunet.trainers import trainer_class
     from nnfiltermatch.runs import STATE_KEY, load_checkpoint_safely, parse_fold
-    from nnfiltermatch.training import trainer_class
 
     fold_dir = model_dir / f"fold_{fold}"
     path = fold_dir / f"checkpoint_{checkpoint}.pth"
@@ -153,7 +153,7 @@ def agreement(scores: dict[str, float], reference: dict[str, float], drop_fracti
     reference's confidence rank (1 = most confident) of the least confident case this scoring drops."""
     from scipy.stats import spearmanr
 
-    from nnfiltermatch.uncertainty import select_cases_to_drop
+    from nnfiltermatch.method.uncertainty import select_cases_to_drop
 
     common = sorted(set(scores) & set(reference))
     rho, p = spearmanr([scores[c] for c in common], [reference[c] for c in common])
@@ -204,7 +204,7 @@ def machine() -> dict[str, Any]:
 
 # ----- the variants on the final model ----------------------------------------------------------------------
 def window_part(args: argparse.Namespace, device: Any) -> dict[str, Any]:
-    from nnfiltermatch.unlabeled import UnlabeledDataset
+    from nnfiltermatch.nnunet.unlabeled import UnlabeledDataset
 
     trainer, config, path = load_scoring_trainer(args.model, args.fold, args.checkpoint, device)
     cases = UnlabeledDataset.get_identifiers(str(trainer.unlabeled_folder))  # the pool a run starts from
@@ -329,8 +329,8 @@ def main() -> None:
         use_folders(args.model, Path(scratch), args.preprocessed)
         import torch
 
+        from nnfiltermatch.commands.training import configure_runtime
         from nnfiltermatch.files import atomic_write_text
-        from nnfiltermatch.training import configure_runtime
 
         device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         device = configure_runtime(device_name)

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from nnfiltermatch.commands.training import build_trainer, configure_runtime
 from nnfiltermatch.config import resolve_config
+from nnfiltermatch.data.layout import dataset_name_from_id
 from nnfiltermatch.files import atomic_write_text
-from nnfiltermatch.layout import dataset_name_from_id
-from nnfiltermatch.training import build_trainer, configure_runtime
 
 MODES = ("supervised", "ssl")
 

@@ -85,7 +85,7 @@ def raw(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared(nnunet_tree: Path) -> Path:
-    from nnfiltermatch.preparation import prepare
+    from nnfiltermatch.data.preparation import prepare
 
     prepare(DATASET, [CONFIG], labeled_list=nnunet_tree / "labeled.txt", num_processes=1)
     return nnunet_tree

@@ -75,7 +75,7 @@ def test_deterministic_is_a_train_option_that_forces_in_process_augmentation(mon
     import torch
 
     from nnfiltermatch.cli import build_parser
-    from nnfiltermatch.training import configure_runtime, make_repeatable
+    from nnfiltermatch.commands.training import configure_runtime, make_repeatable
 
     base = ["train", "-d", "901", "-c", "3d_fullres_cpu", "-f", "all"]
     assert build_parser().parse_args([*base, "--deterministic"]).deterministic is True

@@ -274,8 +274,8 @@ def test_train_releases_its_lock_after_refusing_for_another_reason(
 def _rank_worker(out: str, busy: str) -> None:
     """One rank of a torchrun-like group (env://): only rank 0 locks, and a refusal stops every rank."""
     from nnfiltermatch import distributed
+    from nnfiltermatch.commands.training import model_folder_lock
     from nnfiltermatch.errors import PreparationError
-    from nnfiltermatch.training import model_folder_lock
 
     assert distributed.init_from_env("cpu") is True
     result: dict[str, object] = {}

@@ -20,10 +20,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import nnfiltermatch
+import nnfiltermatch.nnunet
 from conftest import CONFIG, DATASET, SUBSET
-from nnfiltermatch.inference import predict_folder
-from test_query import nnunet_env, run_cli_subprocess, small_prepared_tree
+from model_trees import nnunet_env, run_cli_subprocess, small_prepared_tree
+from nnfiltermatch.commands.predict import predict_folder
 
 BIN = Path(sys.executable).parent
 TRAINER = "nnFilterMatchTrainer"
@@ -74,7 +74,7 @@ def model(torchvision_imports: None, prepared: Path, tmp_path_factory: pytest.Te
     inputs.mkdir()
     for case in CASES:
         (inputs / f"{case}_0000.nii.gz").write_bytes((SUBSET / "imagesTs" / f"{case}_0000.nii.gz").read_bytes())
-    env = {**env, "nnUNet_extTrainer": os.path.dirname(nnfiltermatch.__file__)}  # the README's setting
+    env = {**env, "nnUNet_extTrainer": os.path.dirname(nnfiltermatch.nnunet.__file__)}  # the README's setting
     yield Model(root, root / "results" / DATASET / f"{TRAINER}__nnUNetPlans__{CONFIG}", inputs, env)
 
 

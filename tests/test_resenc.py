@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from conftest import CONFIG, DATASET, LABELED, SUBSET
+from model_trees import nnunet_env, run_cli_subprocess
 from nnfiltermatch.cli import build_parser, main
+from nnfiltermatch.data.layout import MANIFEST_NAME
+from nnfiltermatch.data.planners import PLANNERS, planner_plans_name, resolve_planner
 from nnfiltermatch.errors import PreparationError
-from nnfiltermatch.layout import MANIFEST_NAME
-from nnfiltermatch.planners import PLANNERS, planner_plans_name, resolve_planner
 from nnfiltermatch.runs import collect_filter_rounds
-from test_query import nnunet_env, run_cli_subprocess
 
 PLANS = "nnUNetResEncUNetMPlans"
 PLANNER = "nnUNetPlannerResEncM"

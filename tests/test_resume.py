@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from conftest import CONFIG, DATASET
+from nnfiltermatch.commands.training import train
+from nnfiltermatch.commands.training_checks import finished_with, record_labelled_cases
 from nnfiltermatch.config import CONFIG_FILENAME, resolve_config
+from nnfiltermatch.data.manifest import PreparedDataset, load_prepared
 from nnfiltermatch.errors import PreparationError
-from nnfiltermatch.manifest import PreparedDataset, load_prepared
+from nnfiltermatch.nnunet.trainer import nnFilterMatchTrainer
 from nnfiltermatch.runs import FILTER_DIRNAME, STATE_KEY, output_folder_for
-from nnfiltermatch.trainer import nnFilterMatchTrainer
-from nnfiltermatch.training import train
-from nnfiltermatch.training_checks import finished_with, record_labelled_cases
 
 # 4 epochs, rounds at the start of epochs 1 and 3, checkpoint_latest after epochs 1 (and 3: the last, so never);
 # every strong-view operation on, so the view generator is drawn from at every step
@@ -142,14 +142,14 @@ def _stored_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _one_more_labelled(monkeypatch: pytest.MonkeyPatch) -> PreparedDataset:
     """The prepared dataset as `prepare --add-labels` leaves it, for training: its first unlabelled case labelled."""
-    import nnfiltermatch.training
+    import nnfiltermatch.commands.training
 
     prepared = load_prepared(DATASET)
     moved = prepared.unlabeled_ids[0]
     changed = dataclasses.replace(
         prepared, labeled_ids=sorted([*prepared.labeled_ids, moved]), unlabeled_ids=prepared.unlabeled_ids[1:]
     )
-    monkeypatch.setattr(nnfiltermatch.training, "load_prepared", lambda name: changed)
+    monkeypatch.setattr(nnfiltermatch.commands.training, "load_prepared", lambda name: changed)
     return changed
 
 
@@ -207,7 +207,7 @@ def test_selftrain_reuses_its_supervised_stage_only_with_the_same_labelled_cases
 def test_a_pool_case_gone_from_the_unlabelled_folder_is_dropped_with_a_note(prepared: Path) -> None:
     """Removed unlabelled images (the one change to the data `--continue` does not refuse): the saved pool goes on
     without them, and the log says that the run no longer draws what the uninterrupted one would."""
-    from nnfiltermatch.training import build_trainer
+    from nnfiltermatch.commands.training import build_trainer
 
     trainer = build_trainer(DATASET, CONFIG, "all", resolve_config(dict(RUN)), torch.device("cpu"))
     pool = load_prepared(DATASET).unlabeled_ids[:3]

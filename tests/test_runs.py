@@ -62,7 +62,7 @@ def test_an_unknown_mode_has_no_model_folder() -> None:
 
 
 def test_every_mode_names_its_trainer_class() -> None:
-    from nnfiltermatch.training import trainer_class
+    from nnfiltermatch.nnunet.trainers import trainer_class
 
     assert set(TRAINER_NAMES) == set(MODES)
     for mode, name in TRAINER_NAMES.items():

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nnfiltermatch.files import atomic_write_text
-from nnfiltermatch.uncertainty import filter_schedule
+from nnfiltermatch.method.uncertainty import filter_schedule
 
 Mode = Literal["supervised", "ssl", "filtermatch", "selftrain"]
 MODES: tuple[str, ...] = ("supervised", "ssl", "filtermatch", "selftrain")

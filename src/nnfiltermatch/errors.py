@@ -5,6 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 MAX_LISTED_PROBLEMS = 20
+LISTED = 8  # how many names an error message lists before "..."
+
+
+def listed(names: Sequence[str]) -> str:
+    """At most ``LISTED`` names, then how many more: error messages name the first offenders, not all 136."""
+    return ", ".join(names[:LISTED]) + (f" and {len(names) - LISTED} more" if len(names) > LISTED else "")
 
 
 class DataValidationError(ValueError):

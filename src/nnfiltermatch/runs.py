@@ -42,8 +42,9 @@ import numpy as np
 import torch
 
 from nnfiltermatch import distributed
-from nnfiltermatch.layout import env_folder
-from nnfiltermatch.rounds import trainer_folder_name
+from nnfiltermatch.data.layout import env_folder
+from nnfiltermatch.data.rounds import trainer_folder_name
+from nnfiltermatch.errors import listed
 
 # the trainer class of each mode, by name: the name is also the <Trainer> part of the model folder
 TRAINER_NAMES: dict[str, str] = {
@@ -62,7 +63,6 @@ FILTER_DIRNAME = "filter_rounds"  # in the fold folder: one epoch_XXXX.json per 
 PSEUDO_LABEL_DIRNAME = "pseudo_labels"  # in the fold folder of mode selftrain: its fixed pseudo-labels
 # in the model folder: where the latest query's ranking went and how it was made (the report shows it)
 LATEST_QUERY = "query_latest.json"
-LISTED = 8  # how many names an error message lists before "..."
 
 
 class RunFolderError(ValueError):
@@ -102,7 +102,7 @@ def output_folder_for(
 
 def resolve_model_dir(dataset: str | int, configuration: str, mode: str, plans: str = "nnUNetPlans") -> Path:
     """The folder ``train`` writes for this dataset, configuration and mode (the parent of its fold_X folders)."""
-    from nnfiltermatch.layout import dataset_name_from_id
+    from nnfiltermatch.data.layout import dataset_name_from_id
 
     if mode not in TRAINER_NAMES:
         raise RunFolderError(f"--mode {mode!r}: choose one of {', '.join(TRAINER_NAMES)}")
@@ -320,11 +320,6 @@ def non_finite_tensors(tensors: Mapping[str, Any]) -> list[str]:
         for name, t in tensors.items()
         if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())
     ]
-
-
-def listed(names: Sequence[str]) -> str:
-    """At most ``LISTED`` names, then how many more: error messages name the first offenders, not all 136."""
-    return ", ".join(names[:LISTED]) + (f" and {len(names) - LISTED} more" if len(names) > LISTED else "")
 
 
 def verify_checkpoint_weights(checkpoint: Mapping[str, Any], path: Path) -> None:

@@ -1,0 +1,1 @@
+"""What the CLI runs: training, prediction, query, report, demo."""

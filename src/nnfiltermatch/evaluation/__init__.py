@@ -1,0 +1,1 @@
+"""Scoring segmentations against references: Dice, HD95, ASD, NSD, and the result files."""

@@ -38,7 +38,7 @@ from nnfiltermatch.files import atomic_write_text
 
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
-from run import PROFILES, Profile, _shared, _write_split_dataset, setup_hippocampus  # noqa: E402
+from protocols import PROFILES, Profile, setup_hippocampus, shared_folder, write_split_dataset  # noqa: E402
 
 REPO = BENCHMARKS.parent
 BASELINE = "random"
@@ -97,11 +97,13 @@ def setup_data(args: argparse.Namespace, loop: Loop) -> Data:
         test = sorted(p.name[: -len("_0000.nii.gz")] for p in (src / "imagesTs").glob("*_0000.nii.gz"))[:4]
         sources = {c: (src / "imagesTr" / f"{c}_0000.nii.gz", src / "labelsTr" / f"{c}.nii.gz") for c in pool}
         sources |= {c: (src / "imagesTs" / f"{c}_0000.nii.gz", src / "labelsTs" / f"{c}.nii.gz") for c in test}
-        _write_split_dataset(
+        write_split_dataset(
             raw, {"Tr": pool, "Ts": test}, sources.__getitem__, json.loads((src / "dataset.json").read_text())
         )
         return Data(raw.parent, name, pool, raw / "imagesTs", raw / "labelsTs")
-    exp = setup_hippocampus(_shared(args), work, "10pct", validation_cases=PROFILES[loop.name].validation_cases)
+    exp = setup_hippocampus(
+        shared_folder(args.shared), work, "10pct", validation_cases=PROFILES[loop.name].validation_cases
+    )
     raw = exp.raw_root / exp.dataset_name
     pool = sorted(p.name[: -len(".nii.gz")] for p in (raw / "labelsTr").glob("*.nii.gz"))
     return Data(exp.raw_root, exp.dataset_name, pool, exp.test_images, exp.test_labels)

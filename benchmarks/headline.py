@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from run import p_value_text  # benchmarks/run.py, beside this script
+from result_tables import p_value_text  # benchmarks/result_tables.py, beside this script
 
 from nnfiltermatch.config import TrainConfig
 from nnfiltermatch.files import atomic_write_text

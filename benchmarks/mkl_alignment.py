@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/determinism"))
     args = parser.parse_args()
 
-    import run as bench  # benchmarks/run.py: the experiment layouts
+    import protocols  # benchmarks/protocols.py: the experiment layouts
     from determinism import weights_digest
 
     from nnfiltermatch.commands.predict import predict_folder
@@ -46,8 +46,8 @@ def main() -> None:
     from nnfiltermatch.evaluation.evaluate import evaluate_folders
     from nnfiltermatch.runs import load_checkpoint_safely
 
-    exp = bench.SETUPS[args.dataset](args.shared, args.work.resolve(), args.labeled)
-    bench._use_folders(exp)
+    exp = protocols.SETUPS[args.dataset](args.shared, args.work.resolve(), args.labeled)
+    protocols.use_folders(exp)
     scratch = Path(tempfile.mkdtemp(prefix="nnfm_mkl_"))
     os.environ["nnUNet_results"] = str(scratch / "results")  # read by our training code when it runs
     digests: dict[str, str] = {}

@@ -123,7 +123,7 @@ def test_resenc_m_prepare_train_predict_query_report(
     checkpoint = torch.load(model_dir / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["init_args"]["plans"]["plans_name"] == PLANS
     assert json.loads((model_dir / "plans.json").read_text())["experiment_planner_used"] == PLANNER
-    assert [r["epoch"] for r in collect_filter_rounds(model_dir / "fold_all", checkpoint)] == [1]
+    assert [r.epoch for r in collect_filter_rounds(model_dir / "fold_all", checkpoint)] == [1]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import CONFIG
 from nnfiltermatch.config import MODES
+from nnfiltermatch.method.pool_filter import FilterRound
 from nnfiltermatch.runs import (
     RESUME_ORDER,
     STATE_KEY,
@@ -26,7 +27,16 @@ from nnfiltermatch.runs import (
 
 
 def _round(epoch: int, **extra: object) -> dict:
-    return {"epoch": epoch, "score": "mean", "cases": [{"case": "a", "score": 0.5, "kept": True}], **extra}
+    cases = [{"case": "a", "score": 0.5, "kept": True}]
+    return {
+        "epoch": epoch,
+        "score": "mean",
+        "mirroring": False,
+        "tile_step": 1.0,
+        "seconds": 1.0,
+        "cases": cases,
+        **extra,
+    }
 
 
 def test_rounds_from_checkpoint_and_later_round_files(tmp_path: Path) -> None:
@@ -34,9 +44,12 @@ def test_rounds_from_checkpoint_and_later_round_files(tmp_path: Path) -> None:
     (tmp_path / "filter_rounds" / "epoch_0001.json").write_text(json.dumps(_round(1, seconds=99)))
     (tmp_path / "filter_rounds" / "epoch_0002.json").write_text(json.dumps(_round(2)))
     (tmp_path / "filter_rounds" / "epoch_0003.json").write_text("{truncated")
+    damaged = {k: v for k, v in _round(4).items() if k != "cases"}
+    (tmp_path / "filter_rounds" / "epoch_0004.json").write_text(json.dumps(damaged))
     ckpt = {"init_args": {STATE_KEY: {"filter_rounds": [_round(1)]}}}
     rounds = collect_filter_rounds(tmp_path, ckpt)
-    assert [r["epoch"] for r in rounds] == [1, 2] and "seconds" not in rounds[0]  # the checkpoint's round wins
+    # the checkpoint's round wins over the file of its epoch; damaged files are not read
+    assert rounds == [FilterRound.from_json(_round(1)), FilterRound.from_json(_round(2))]
 
 
 def test_fold_folder_from_the_model_folder(tmp_path: Path) -> None:

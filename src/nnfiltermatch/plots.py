@@ -11,6 +11,7 @@ from typing import Any
 import matplotlib
 
 from nnfiltermatch.files import atomic_write_bytes
+from nnfiltermatch.method.pool_filter import FilterRound
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -150,7 +151,7 @@ def learning_curves_png(
     return _figure_png(fig)
 
 
-def pool_png(logging: dict[str, list[Any]], rounds: list[dict[str, Any]]) -> str | None:
+def pool_png(logging: dict[str, list[Any]], rounds: list[FilterRound]) -> str | None:
     """Unlabelled pool size per epoch; each filter round's drop is annotated."""
     pool = logged_series(logging, "pool_size")
     if not pool or max(pool) <= 0:  # supervised runs log an empty pool
@@ -158,9 +159,9 @@ def pool_png(logging: dict[str, list[Any]], rounds: list[dict[str, Any]]) -> str
     fig, ax = plt.subplots(figsize=(13, 3.2))
     ax.step(range(len(pool)), pool, where="mid", color="tab:brown", lw=2)
     for record in rounds:
-        e = int(record["epoch"])
+        e = record.epoch
         ax.axvline(e - 0.5, color=_COLOURS["cut"], ls="--", lw=0.8)
-        dropped = int(record.get("pool_before", 0)) - int(record.get("pool_after", 0))
+        dropped = record.pool_before - record.pool_after
         ax.annotate(f"round {e}: -{dropped}", (e - 0.4, max(pool) * 1.04 + 0.5), fontsize=8, va="bottom")
     ax.set_ylim(0, max(pool) * 1.2 + 1)
     ax.set_xlabel("epoch")
@@ -171,11 +172,10 @@ def pool_png(logging: dict[str, list[Any]], rounds: list[dict[str, Any]]) -> str
     return _figure_png(fig)
 
 
-def filter_cut(record: dict[str, Any]) -> float | None:
+def filter_cut(record: FilterRound) -> float | None:
     """The threshold of a round: halfway between the highest dropped and the lowest kept score (None: none dropped)."""
-    cases = record.get("cases") or []
-    dropped = [float(c["score"]) for c in cases if not c.get("kept", True)]
-    kept = [float(c["score"]) for c in cases if c.get("kept", True)]
+    dropped = [c.score for c in record.cases if not c.kept]
+    kept = [c.score for c in record.cases if c.kept]
     if not dropped:
         return None
     if not kept:
@@ -183,15 +183,14 @@ def filter_cut(record: dict[str, Any]) -> float | None:
     return (max(dropped) + min(kept)) / 2.0
 
 
-def round_histogram_png(record: dict[str, Any]) -> str | None:
+def round_histogram_png(record: FilterRound) -> str | None:
     """Score histogram of one filter round, kept and dropped cases stacked, the cut marked."""
     import numpy as np
 
-    cases = record.get("cases") or []
-    if not cases:
+    if not record.cases:
         return None
-    kept = [float(c["score"]) for c in cases if c.get("kept", True)]
-    dropped = [float(c["score"]) for c in cases if not c.get("kept", True)]
+    kept = [c.score for c in record.cases if c.kept]
+    dropped = [c.score for c in record.cases if not c.kept]
     values = kept + dropped
     low, high = min(values), max(values)
     if high <= low:
@@ -215,9 +214,9 @@ def round_histogram_png(record: dict[str, Any]) -> str | None:
     )
     if cut is not None:
         ax.axvline(cut, color=_COLOURS["cut"], lw=2, label=f"cut {cut:.4g}")
-    ax.set_xlabel(f"case score ({record.get('score', 'mean')} voxel entropy)")
+    ax.set_xlabel(f"case score ({record.score} voxel entropy)")
     ax.set_ylabel("cases")
-    ax.set_title(f"filter round at epoch {record['epoch']}")
+    ax.set_title(f"filter round at epoch {record.epoch}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _figure_png(fig)

@@ -45,6 +45,7 @@ from nnfiltermatch import distributed
 from nnfiltermatch.data.layout import env_folder
 from nnfiltermatch.data.rounds import trainer_folder_name
 from nnfiltermatch.errors import listed
+from nnfiltermatch.method.pool_filter import FilterRound
 
 # the trainer class of each mode, by name: the name is also the <Trainer> part of the model folder
 TRAINER_NAMES: dict[str, str] = {
@@ -394,20 +395,21 @@ def _global_name(entry: Any) -> str:
 
 
 # ----- filter rounds ----------------------------------------------------------------------------------------------
-def collect_filter_rounds(fold_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The rounds the checkpoint carries, plus ``filter_rounds/epoch_XXXX.json`` files of later rounds.
+def collect_filter_rounds(fold_dir: Path, checkpoint: Mapping[str, Any]) -> list[FilterRound]:
+    """The rounds the checkpoint carries, plus ``filter_rounds/epoch_XXXX.json`` files of later rounds, by epoch.
 
     A round at the start of epoch ``e`` runs after the checkpoint saved at the end of epoch ``e - 1``, so that
-    checkpoint does not hold it: only the file does. Rounds in the checkpoint win over files of the same epoch.
+    checkpoint does not hold it: only the file does. Rounds in the checkpoint win over files of the same epoch. A
+    damaged file is skipped; a checkpoint round that is no record raises ``ValueError``, as the trainer's resume does.
     """
-    rounds = {int(r["epoch"]): dict(r) for r in trainer_state(checkpoint).get("filter_rounds") or []}
+    in_checkpoint = (FilterRound.from_json(r) for r in trainer_state(checkpoint).get("filter_rounds") or [])
+    rounds = {r.epoch: r for r in in_checkpoint}
     folder = Path(fold_dir) / FILTER_DIRNAME
     if folder.is_dir():
         for path in sorted(folder.glob("epoch_*.json")):
             try:
-                record = json.loads(path.read_text())
-                epoch = int(record["epoch"])
-            except (OSError, ValueError, KeyError, TypeError):
+                record = FilterRound.from_json(json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
                 continue  # a damaged record is simply not read
-            rounds.setdefault(epoch, record)
+            rounds.setdefault(record.epoch, record)
     return [rounds[e] for e in sorted(rounds)]

@@ -38,6 +38,7 @@ from nnfiltermatch.commands.query_model import QueryError
 from nnfiltermatch.data.add_labels import add_labels
 from nnfiltermatch.data.layout import LABELED_LIST_NAME, MANIFEST_NAME
 from nnfiltermatch.errors import DataValidationError, PreparationError
+from nnfiltermatch.method.pool_filter import FilterRound
 from nnfiltermatch.method.query_scores import bounding_box
 from nnfiltermatch.method.query_strategies import random_draw
 from nnfiltermatch.runs import LATEST_QUERY, STATE_KEY
@@ -78,13 +79,14 @@ def _state(teacher: str = "student") -> dict:
     return {"init_args": {STATE_KEY: {"config": {"mode": "filtermatch", "teacher": teacher, "topk_fraction": 0.1}}}}
 
 
-def _round(epoch: int, **extra: object) -> dict:
+def _round(epoch: int, **extra: object) -> FilterRound:
     cases = [
         {"case": "a", "score": 0.5, "kept": True},
         {"case": "b", "score": 0.7, "kept": True},
         {"case": "c", "score": float("nan"), "kept": True},  # a case the filter could not score
     ]
-    return {"epoch": epoch, "score": "mean", "mirroring": False, "tile_step": 1.0, "cases": cases, **extra}
+    record = {"epoch": epoch, "score": "mean", "mirroring": False, "tile_step": 1.0, "seconds": 1.0, "cases": cases}
+    return FilterRound.from_json(record | extra)
 
 
 def test_reuse_decision_requires_the_same_network_and_procedure() -> None:

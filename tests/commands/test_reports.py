@@ -18,6 +18,7 @@ from model_trees import TRAINER_DIR, nnunet_env, run_cli_subprocess, tiny_model_
 from nnfiltermatch.cli import main
 from nnfiltermatch.commands.reports import ReportError, build_report
 from nnfiltermatch.evaluation.results import CaseRow, EvaluationResult
+from nnfiltermatch.method.pool_filter import FilterRound
 from nnfiltermatch.plots import filter_cut
 from nnfiltermatch.runs import LATEST_QUERY, RunFolderError
 
@@ -83,7 +84,7 @@ def test_report_has_every_section_and_only_embedded_images(model_dir: Path, repo
     record = json.loads((model_dir / "fold_all" / "filter_rounds" / "epoch_0001.json").read_text())
     dropped = [c["case"] for c in record["cases"] if not c["kept"]]
     assert dropped and all(f"<td>{case}</td>" in page for case in dropped)
-    assert f"cut {filter_cut(record):.5g}" in page
+    assert f"cut {filter_cut(FilterRound.from_json(record)):.5g}" in page
     config = json.loads((model_dir / "fold_all" / "nnfiltermatch_config.json").read_text())
     assert all(f"<td>{key}</td>" in page for key in config)  # the resolved configuration, every option
     assert "checkpoint_final.pth (epochs completed: 2)" in page and "2 of 2 planned" in page

@@ -42,6 +42,7 @@ from nnfiltermatch.commands.query_export import (
 )
 from nnfiltermatch.commands.query_model import QueryError, load_query_model, logits_file, score_cases
 from nnfiltermatch.files import atomic_write_bytes
+from nnfiltermatch.method.pool_filter import FilterRound
 from nnfiltermatch.method.query_scores import REDUCTIONS
 from nnfiltermatch.method.query_strategies import (
     DEFAULT_MIN_FOREGROUND_ML,
@@ -72,7 +73,7 @@ class ReuseDecision:
 
 def decide_reuse(
     checkpoint: Mapping[str, Any],
-    rounds: Sequence[Mapping[str, Any]],
+    rounds: Sequence[FilterRound],
     *,
     score: str,
     reduce: str,
@@ -87,7 +88,7 @@ def decide_reuse(
     Conditions: policy ``auto``; score ``entropy`` without ``--roi``; one fold; the checkpoint holds the network
     that scored (the last round's ``epoch`` == the checkpoint's ``current_epoch``, i.e. no training step since, and
     the run's pseudo-labelling model is the student, not an EMA teacher); same reduction (and top-k fraction), no
-    mirroring and the same tile step. Only cases the round scored by sliding window are reused.
+    mirroring and the same tile step. Only cases with a finite score are reused.
     """
 
     def no(reason: str) -> ReuseDecision:
@@ -108,7 +109,7 @@ def decide_reuse(
     last = rounds[-1]
     config = trainer_state(checkpoint).get("config") or {}
     current = checkpoint.get("current_epoch")
-    epoch = int(last["epoch"])
+    epoch = last.epoch
     if current is None or int(current) != epoch:
         return no(
             f"the last filter round (epoch {epoch}) scored the weights after {epoch} epochs, the checkpoint holds "
@@ -116,19 +117,15 @@ def decide_reuse(
         )
     if config.get("teacher", "ema") != "student" and config.get("mode", "filtermatch") != "supervised":
         return no("the filter scored with the EMA teacher, the checkpoint's network is the student")
-    if last.get("score") != reduce:
-        return no(f"the filter reduced per case by {last.get('score')}, this query by {reduce}")
+    if last.score != reduce:
+        return no(f"the filter reduced per case by {last.score}, this query by {reduce}")
     if reduce == "topk" and not math.isclose(float(config.get("topk_fraction", -1.0)), topk_fraction):
         return no(f"the filter's top-k fraction was {config.get('topk_fraction')}, this query's is {topk_fraction}")
-    if last.get("mirroring"):
+    if last.mirroring:
         return no("the filter scored with mirroring, this query without")
-    if not math.isclose(float(last.get("tile_step", -1.0)), step_size):
-        return no(f"the filter's tile step was {last.get('tile_step')}, this query's is {step_size}")
-    scores = {
-        str(c["case"]): float(c["score"])
-        for c in last.get("cases") or []
-        if c.get("score") is not None and math.isfinite(float(c["score"]))
-    }
+    if not math.isclose(last.tile_step, step_size):
+        return no(f"the filter's tile step was {last.tile_step}, this query's is {step_size}")
+    scores = {c.case: c.score for c in last.cases if math.isfinite(c.score)}
     if not scores:
         return no(f"the filter round at epoch {epoch} scored no case by sliding window")
     return ReuseDecision(scores, epoch, f"the filter round at epoch {epoch} scored this checkpoint's network")

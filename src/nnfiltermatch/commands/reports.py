@@ -101,7 +101,7 @@ def build_report(
     weights = logging.get("unsup_weight") or []
     started = [epoch for epoch, weight in enumerate(weights) if weight and weight > 0]
     warmup = started[0] if started else config.get("warmup_epochs")
-    filter_epochs = [int(r["epoch"]) for r in rounds]
+    filter_epochs = [r.epoch for r in rounds]
     epochs_done = len(logging.get("train_losses") or [])
     sections: list[tuple[str, str, str]] = []  # (anchor, title, html)
 
@@ -154,23 +154,19 @@ def build_report(
     for record in rounds:
         hist = round_histogram_png(record)
         cut = filter_cut(record)
-        dropped = sorted(
-            (c for c in record.get("cases") or [] if not c.get("kept", True)), key=lambda c: float(c["score"])
-        )
+        dropped = sorted((c for c in record.cases if not c.kept), key=lambda c: c.score)
         listing = (
-            html_table(
-                ["dropped case", "score"], [[c["case"], f"{float(c['score']):.5g}"] for c in dropped], css="dropped"
-            )
+            html_table(["dropped case", "score"], [[c.case, f"{c.score:.5g}"] for c in dropped], css="dropped")
             if dropped
             else "<p>No case dropped.</p>"
         )
         info = (
-            f"pool {record.get('pool_before')} &rarr; {record.get('pool_after')}, scored by sliding window in "
-            f"{float(record.get('seconds', 0.0)):.1f} s; cut {'n/a' if cut is None else f'{cut:.5g}'}"
+            f"pool {record.pool_before} &rarr; {record.pool_after}, scored by sliding window in "
+            f"{record.seconds:.1f} s; cut {'n/a' if cut is None else f'{cut:.5g}'}"
         )
-        image = f'<img alt="filter round {record["epoch"]}" src="{hist}">' if hist else ""
+        image = f'<img alt="filter round {record.epoch}" src="{hist}">' if hist else ""
         parts.append(
-            f'<h3>Round at epoch {int(record["epoch"])}</h3><p class="note">{info}</p>'
+            f'<h3>Round at epoch {record.epoch}</h3><p class="note">{info}</p>'
             f'<div class="round"><div>{image}</div><div>{listing}</div></div>'
         )
     sections.append(("rounds", "Filter rounds", "".join(parts) if parts else "<p>No filter round in this run.</p>"))

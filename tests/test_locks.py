@@ -25,7 +25,7 @@ from nnfiltermatch.locks import LOCK_NAME, LockError, LockHolder, _process_start
 @pytest.fixture
 def other_process() -> Iterator[subprocess.Popen[bytes]]:
     """A live process that is not us: the holder of the locks these tests find."""
-    proc = subprocess.Popen(["sleep", "30"])
+    proc = subprocess.Popen(["sleep", "3600"])  # outlives any test on a loaded machine; killed at teardown
     yield proc
     proc.kill()
     proc.wait()
@@ -156,18 +156,19 @@ def test_only_one_of_many_concurrent_runs_gets_the_lock(tmp_path: Path) -> None:
     lock = tmp_path / LOCK_NAME
     write_lock(lock, _dead_pid())
     script = (
-        "import sys, time\n"
+        "import sys\n"
         "from nnfiltermatch.locks import LockError, run_lock\n"
         "try:\n"
         "    with run_lock(sys.argv[1], 'race', note=lambda m: None):\n"
-        "        print('got', flush=True); time.sleep(1.0)\n"
+        "        print('got', flush=True); sys.stdin.read()\n"  # held until every other run has answered
         "except LockError:\n"
-        "    print('refused')\n"
+        "    print('refused', flush=True)\n"
     )
-    procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE, text=True) for _ in range(8)
-    ]
-    outputs = [p.communicate(timeout=30)[0].strip() for p in procs]
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(lock)], **pipes) for _ in range(8)]
+    outputs = [p.stdout.readline().strip() for p in procs]  # type: ignore[union-attr]
+    for p in procs:
+        p.communicate(timeout=60)
     assert outputs.count("got") == 1 and outputs.count("refused") == 7, outputs
     assert not lock.exists()
 

@@ -57,7 +57,7 @@ def _trainer_class(trainer_name: str) -> type:
     return known[trainer_name]
 
 
-def torch_device(device: str | torch.device) -> torch.device:
+def _torch_device(device: str | torch.device) -> torch.device:
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
         raise PredictionError(f"--device {device}: choose cpu or cuda")
@@ -85,7 +85,7 @@ def load_predictor(
     model_dir = Path(model_dir)
     plans, dataset_json = read_model_folder(model_dir)
     files = checkpoint_files(model_dir, folds, checkpoint)
-    device_ = torch_device(device)
+    torch_device = _torch_device(device)
     if not 0.0 < step_size <= 1.0:
         raise PredictionError(f"--step-size {step_size}: must be in (0, 1] (fraction of the patch size)")
 
@@ -148,7 +148,7 @@ def load_predictor(
         dataset_json,
         trainer_name,
         mirror_axes,
-        device_,
+        torch_device,
         step_size,
         mirroring,
         parameters,

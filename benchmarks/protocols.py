@@ -337,7 +337,9 @@ def configuration_for(exp: Experiment, profile: Profile) -> str:
     return profile.configuration_3d if exp.dimension == "3d" else profile.configuration_2d
 
 
-def prepare_experiment(exp: Experiment, profile: Profile, num_processes: int) -> Any:
+def prepare_experiment(exp: Experiment, profile: Profile, num_processes: int, planner: str | None = None) -> Any:
+    """Plan and preprocess the experiment's configuration with nnU-Net's ``planner`` (its ``-pl`` name; default
+    nnU-Net's ExperimentPlanner), the ``_cpu`` configurations added to the plans it writes."""
     from nnfiltermatch.data.preparation import prepare
 
     use_folders(exp)
@@ -347,4 +349,5 @@ def prepare_experiment(exp: Experiment, profile: Profile, num_processes: int) ->
         labeled_list=exp.labeled_list,
         num_processes=num_processes,
         allow_no_unlabeled=exp.labeled_key == "all",
+        planner=planner,
     )

@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from nnfiltermatch.data.planners import PLANNERS
 from nnfiltermatch.files import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,6 +64,13 @@ def main() -> None:
         help="measure the step cost first, then set iterations per epoch so all runs train in about SECONDS "
         "(gpu-short: 300 by default)",
     )
+    parser.add_argument(
+        "--planner",
+        choices=sorted(PLANNERS),
+        metavar="PLANNER",
+        help="nnU-Net's planner (its -pl names, e.g. nnUNetPlannerResEncM; default ExperimentPlanner): the plans "
+        "get their own work and results folders (<work>/<PLANNER>, results/<dataset>/<profile>_<PLANNER>)",
+    )
     parser.add_argument("--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
     parser.add_argument(
         "--split",
@@ -85,17 +93,19 @@ def main() -> None:
     if profile.validation_cases and args.dataset == "la":
         sys.exit(f"profile {profile.name} holds out validation cases: LA's 16 shared cases have none to spare")
     setup_options = {"validation_cases": profile.validation_cases} if profile.validation_cases else {}
-    exp = SETUPS[args.dataset](shared_folder(args.shared), args.work.resolve(), args.labeled, **setup_options)
+    work = args.work / args.planner if args.planner else args.work
+    exp = SETUPS[args.dataset](shared_folder(args.shared), work.resolve(), args.labeled, **setup_options)
     if args.split == "validation" and exp.validation_images is None:
         sys.exit(f"--split validation: profile {profile.name} holds out no validation cases (use cpu-long)")
     # a schedule other than the profile's, or the validation split, gets a folder of its own
     schedule = f"_{profile.epochs}x{profile.iters_per_epoch}" if args.epochs or args.iters_per_epoch else ""
     labeled_dir = args.labeled + ("_validation" if args.split == "validation" else "")
-    out = args.results / args.dataset / (profile.name + schedule) / labeled_dir
+    planner = f"_{args.planner}" if args.planner else ""
+    out = args.results / args.dataset / (profile.name + schedule + planner) / labeled_dir
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     modes = tuple(args.modes)
-    prepared = prepare_experiment(exp, profile, args.num_processes)
+    prepared = prepare_experiment(exp, profile, args.num_processes, args.planner)
     cost = None
     budget = args.train_budget or profile.train_budget_seconds
     if budget:

@@ -100,8 +100,8 @@ def main() -> None:
     # a schedule other than the profile's, or the validation split, gets a folder of its own
     schedule = f"_{profile.epochs}x{profile.iters_per_epoch}" if args.epochs or args.iters_per_epoch else ""
     labeled_dir = args.labeled + ("_validation" if args.split == "validation" else "")
-    planner = f"_{args.planner}" if args.planner else ""
-    out = args.results / args.dataset / (profile.name + schedule + planner) / labeled_dir
+    plans_suffix = f"_{args.planner}" if args.planner else ""
+    out = args.results / args.dataset / (profile.name + schedule + plans_suffix) / labeled_dir
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     modes = tuple(args.modes)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,6 +130,12 @@ def _spawned(index: int, world: int, fn: Callable[..., Any], args: tuple[Any, ..
     # the same variables torchrun sets, so spawned and torchrun-launched processes take one code path
     os.environ.update({"RANK": str(index), "LOCAL_RANK": str(index), "WORLD_SIZE": str(world)})
     fn(*args)
+    # A rank that finished (its group left, its files written) exits without interpreter teardown: destroying gloo's
+    # objects there aborted now and then (SIGABRT, "terminate called without an active exception"; torch 2.14.1),
+    # which mp.spawn reports as a failed run. An exception above still takes mp.spawn's error path.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(num_processes: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:

@@ -91,6 +91,37 @@ def run_cli_subprocess(args: list[str], env: dict[str, str]) -> subprocess.Compl
     return done
 
 
+def torchvision_import_error() -> str | None:
+    """None when this venv's torchvision imports (nnU-Net's trainer lookup needs it), else the error's last line."""
+    done = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True, timeout=120)
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit status {done.returncode}"
+
+
+def skip_without_torchvision() -> None:
+    """Skips (before anything is trained) where nnU-Net's trainer lookup cannot work in this venv."""
+    error = torchvision_import_error()
+    if error is not None:
+        pytest.skip(
+            f"torchvision does not import in this venv ({error}); nnU-Net's trainer lookup imports it. Rerun "
+            "scripts/setup.sh with a torch that has a matching torchvision build (TORCH_SPEC / TORCHVISION_SPEC; "
+            "README, Predict: nnU-Net's own tools on our model folders)"
+        )
+
+
+def run_nnunet(command: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """One of nnU-Net's own executables from this venv (nnUNetv2_predict, ...), which must succeed."""
+    executable = Path(sys.executable).parent / command
+    assert executable.is_file(), f"{executable} is missing: nnunetv2 installs it (rerun scripts/setup.sh)"
+    done = subprocess.run(
+        [str(executable), *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def train_tiny_model(prepared: Path, root: Path, n_unlabeled: int = N_UNLABELED) -> tuple[Path, list[str]]:
     """A small tree and a 2-epoch filtermatch model with one filter round (epoch 1); returns (model dir, cases)."""
     cases = small_prepared_tree(prepared, root, n_unlabeled)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +20,9 @@ import torch
 
 import nnfiltermatch.nnunet
 from conftest import CONFIG, DATASET, SUBSET
-from model_trees import nnunet_env, run_cli_subprocess, small_prepared_tree
+from model_trees import nnunet_env, run_cli_subprocess, run_nnunet, skip_without_torchvision, small_prepared_tree
 from nnfiltermatch.commands.predict import predict_folder
 
-BIN = Path(sys.executable).parent
 TRAINER = "nnFilterMatchTrainer"
 CASES = ["hippocampus_065", "hippocampus_067"]
 TRAIN_ARGS = [
@@ -33,15 +30,6 @@ TRAIN_ARGS = [
     "--epochs", "2", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1", "--warmup-epochs", "1",
     "--filter-start", "2", "--no-final-validation",
 ]  # fmt: skip
-
-
-def torchvision_import_error() -> str | None:
-    """None when this venv's torchvision imports (nnU-Net's trainer lookup needs it), else the error's last line."""
-    done = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True, timeout=120)
-    if done.returncode == 0:
-        return None
-    lines = done.stderr.strip().splitlines()
-    return lines[-1] if lines else f"exit status {done.returncode}"
 
 
 @dataclass
@@ -52,20 +40,9 @@ class Model:
     env: dict[str, str]  # for nnU-Net's commands: the tree's folders, nnUNet_extTrainer, one thread
 
 
-@pytest.fixture(scope="session")
-def torchvision_imports() -> None:
-    """Skips before anything is trained when nnU-Net's trainer lookup cannot work in this venv."""
-    error = torchvision_import_error()
-    if error is not None:
-        pytest.skip(
-            f"torchvision does not import in this venv ({error}); nnU-Net's trainer lookup imports it. Rerun "
-            "scripts/setup.sh with a torch that has a matching torchvision build (TORCH_SPEC / TORCHVISION_SPEC; "
-            "README, Predict: nnU-Net's own tools on our model folders)"
-        )
-
-
 @pytest.fixture(scope="module")
-def model(torchvision_imports: None, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
+def model(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
+    skip_without_torchvision()
     root = tmp_path_factory.mktemp("nnunet_tools")
     small_prepared_tree(prepared, root, n_unlabeled=2)
     env = nnunet_env(root)
@@ -76,16 +53,6 @@ def model(torchvision_imports: None, prepared: Path, tmp_path_factory: pytest.Te
         (inputs / f"{case}_0000.nii.gz").write_bytes((SUBSET / "imagesTs" / f"{case}_0000.nii.gz").read_bytes())
     env = {**env, "nnUNet_extTrainer": os.path.dirname(nnfiltermatch.nnunet.__file__)}  # the README's setting
     yield Model(root, root / "results" / DATASET / f"{TRAINER}__nnUNetPlans__{CONFIG}", inputs, env)
-
-
-def run_nnunet(command: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    executable = BIN / command
-    assert executable.is_file(), f"{executable} is missing: nnunetv2 installs it (rerun scripts/setup.sh)"
-    done = subprocess.run(
-        [str(executable), *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
 
 
 def _array(path: Path) -> np.ndarray:

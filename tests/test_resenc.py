@@ -1,22 +1,30 @@
-"""nnU-Net's residual-encoder presets: ``prepare -pl nnUNetPlannerResEncM``, then train, predict, query and report.
+"""nnU-Net's residual-encoder presets: ``prepare -pl nnUNetPlannerResEncM``, then train, predict, query and report,
+and nnU-Net's own ``nnUNetv2_predict -p nnUNetResEncUNetMPlans`` on the model.
 
 A small tree of its own (4 labelled, 6 unlabelled cases of the shipped subset) is prepared with the ResEnc M planner
-and the CPU-sized configuration; prepare and train run in subprocesses, so nnU-Net's path globals in this process
-never point at it, and the session's prepared tree is not touched.
+and the CPU-sized configuration, and a tiny model trained on it, once for the module; prepare and train run in
+subprocesses, so nnU-Net's path globals in this process never point at it, and the session's prepared tree is not
+touched.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
+import nnfiltermatch.nnunet
 from conftest import CONFIG, DATASET, LABELED, SUBSET
-from model_trees import nnunet_env, run_cli_subprocess
+from model_trees import nnunet_env, run_cli_subprocess, run_nnunet, skip_without_torchvision
 from nnfiltermatch.cli import build_parser, main
+from nnfiltermatch.commands.predict import predict_folder
 from nnfiltermatch.data.layout import MANIFEST_NAME
 from nnfiltermatch.data.planners import PLANNERS, planner_plans_name, resolve_planner
 from nnfiltermatch.errors import PreparationError
@@ -78,17 +86,38 @@ def _small_raw_tree(root: Path) -> list[str]:
     return unlabeled
 
 
-def test_resenc_m_prepare_train_predict_query_report(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    root = tmp_path / "nnunet"
+@dataclass
+class ResEncModel:
+    root: Path
+    env: dict[str, str]
+    unlabeled: list[str]
+    model_dir: Path
+
+
+@pytest.fixture(scope="module")
+def resenc(tmp_path_factory: pytest.TempPathFactory) -> ResEncModel:
+    """``prepare -pl nnUNetPlannerResEncM`` on a small tree of its own, then a tiny filtermatch model on its plans."""
+    root = tmp_path_factory.mktemp("resenc") / "nnunet"
     unlabeled = _small_raw_tree(root)
     env = {**nnunet_env(root), "nnUNet_n_proc_DA": "0"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    prepare = ["prepare", "-d", "901", "-pl", PLANNER, "-c", CONFIG, "--labeled-list", str(root / "labeled.txt")]
-    run_cli_subprocess([*prepare, "-np", "1"], env)
+    run_cli_subprocess(
+        ["prepare", "-d", "901", "-pl", PLANNER, "-c", CONFIG, "--labeled-list", str(root / "labeled.txt"), "-np", "1"],
+        env,
+    )
+    run_cli_subprocess(TRAIN, env)
+    return ResEncModel(root, env, unlabeled, root / "results" / DATASET / f"nnFilterMatchTrainer__{PLANS}__{CONFIG}")
 
+
+def _tree_listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_resenc_m_prepare_train_predict_query_report(
+    resenc: ResEncModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, unlabeled, model_dir = resenc.root, resenc.unlabeled, resenc.model_dir
+    for key, value in resenc.env.items():
+        monkeypatch.setenv(key, value)
     pre = root / "preprocessed" / DATASET
     manifest = json.loads((pre / MANIFEST_NAME).read_text())
     assert (manifest["plans_name"], manifest["planner"]) == (PLANS, PLANNER)
@@ -109,6 +138,7 @@ def test_resenc_m_prepare_train_predict_query_report(
     assert sorted(p.name for p in (pre / "unlabeled").iterdir()) == ["nnUNetPlans_3d_fullres"]
 
     # -p and -pl that do not belong together, and train -p of plans that are not prepared: refused, nothing written
+    before = _tree_listing(root / "results")
     assert main(["prepare", "-d", "901", "-pl", PLANNER, "-p", "nnUNetPlans", "-c", CONFIG]) == 2
     assert "-p nnUNetPlans is the plans name of planner ExperimentPlanner" in capsys.readouterr().err
     assert main(["prepare", "-d", "901", "-pl", "ExperimentPlanner", "-p", PLANS, "-c", CONFIG]) == 2
@@ -116,10 +146,8 @@ def test_resenc_m_prepare_train_predict_query_report(
     assert main(["train", "-d", "901", "-c", CONFIG, "-f", "all", "-p", "nnUNetPlans", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"prepared with the plans {PLANS}, not nnUNetPlans" in err and "prepare -d" in err
-    assert not any((root / "results").iterdir()) and json.loads((pre / MANIFEST_NAME).read_text()) == manifest
+    assert _tree_listing(root / "results") == before and json.loads((pre / MANIFEST_NAME).read_text()) == manifest
 
-    run_cli_subprocess(TRAIN, env)
-    model_dir = root / "results" / DATASET / f"nnFilterMatchTrainer__{PLANS}__{CONFIG}"
     checkpoint = torch.load(model_dir / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["init_args"]["plans"]["plans_name"] == PLANS
     assert json.loads((model_dir / "plans.json").read_text())["experiment_planner_used"] == PLANNER
@@ -129,9 +157,7 @@ def test_resenc_m_prepare_train_predict_query_report(
     torch.set_num_threads(1)
     try:
         images, out = tmp_path / "images", tmp_path / "pred"
-        images.mkdir()
-        for case in unlabeled[:2]:
-            shutil.copy(root / "raw" / DATASET / "imagesTr" / f"{case}_0000.nii.gz", images)
+        _copy_images(root, unlabeled[:2], images)
         # no -p: the plans the dataset was prepared with
         predict = ["predict", "-i", str(images), "-o", str(out), "-d", "901", "-c", CONFIG, "--device", "cpu"]
         assert main([*predict, "--no-mirroring", "--step-size", "1"]) == 0, capsys.readouterr().err
@@ -145,3 +171,32 @@ def test_resenc_m_prepare_train_predict_query_report(
         assert (model_dir / "fold_all" / "report.html").is_file()
     finally:
         torch.set_num_threads(threads)
+
+
+def _copy_images(root: Path, cases: list[str], folder: Path) -> None:
+    folder.mkdir()
+    for case in cases:
+        shutil.copy(root / "raw" / DATASET / "imagesTr" / f"{case}_0000.nii.gz", folder)
+
+
+def test_nnunet_predict_on_our_resenc_model(resenc: ResEncModel, tmp_path: Path) -> None:
+    """nnUNetv2_predict with -p nnUNetResEncUNetMPlans and our trainer segments as ``nnfiltermatch predict`` does."""
+    skip_without_torchvision()
+    images = tmp_path / "images"
+    _copy_images(resenc.root, resenc.unlabeled[:2], images)
+    env = {**resenc.env, "nnUNet_extTrainer": os.path.dirname(nnfiltermatch.nnunet.__file__)}  # the README's setting
+    theirs, ours = tmp_path / "nnunet_predictions", tmp_path / "our_predictions"
+    args = ["-i", str(images), "-o", str(theirs), "-d", DATASET, "-c", CONFIG, "-f", "all", "-p", PLANS]
+    args += ["-tr", "nnFilterMatchTrainer", "-npp", "1", "-nps", "1", "--disable_tta", "-step_size", "1.0"]
+    done = run_nnunet("nnUNetv2_predict", [*args, "-device", "cpu"], env)
+    assert "Using trainer 'nnFilterMatchTrainer'" in done.stdout, done.stdout[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        predict_folder(images, ours, resenc.model_dir, device="cpu", mirroring=False, step_size=1.0, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for case in resenc.unlabeled[:2]:
+        theirs_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(theirs / f"{case}.nii.gz")))
+        ours_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(ours / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(theirs_seg, ours_seg)

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # One-command set-up: a virtual environment at .venv with nnfiltermatch and its pinned dependencies.
-# CPU torch by default; on a GPU machine run e.g. TORCH_SPEC="torch==2.9.1" bash scripts/setup.sh.
+# torch 2.14.1 by default: PyPI's build (CUDA 13), which also runs on a machine without a GPU, and has a torchvision
+# (0.29.1) that imports beside it, so nnU-Net's own nnUNetv2_* commands work on our model folders (6.4 GB venv).
+# TORCH_SPEC="torch==2.13.0" takes this project's CPU machines' local 2.13.0+cpu wheel instead (2 GB venv; the CPU
+# benchmarks ran on it), whose only torchvision is PyPI's CUDA build: nnU-Net's trainer lookup then fails.
 # TORCHVISION_SPEC: the torchvision installed beside it (nnU-Net's trainer lookup imports its Primus trainers, which
 # import timm and so torchvision). By default the release built for TORCH_SPEC's torch: torch 2.N goes with
-# torchvision 0.(N+15), e.g. torch==2.13.0 -> torchvision==0.28.*, torch==2.9.1 -> torchvision==0.24.*; set it
+# torchvision 0.(N+15), e.g. torch==2.14.1 -> torchvision==0.29.*, torch==2.9.1 -> torchvision==0.24.*; set it
 # yourself for a torch spec that is not torch==2.N[.x].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1}"
 if [ -z "${TORCHVISION_SPEC:-}" ]; then
   if [[ "$TORCH_SPEC" =~ ^torch==2\.([0-9]+)(\.|\+|$) ]]; then
     TORCHVISION_SPEC="torchvision==0.$((BASH_REMATCH[1] + 15)).*"

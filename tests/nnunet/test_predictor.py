@@ -392,6 +392,24 @@ def test_unreadable_checkpoint_and_bad_step_size(
     assert not (tmp_path / "out").exists()
 
 
+def test_worker_counts_npp_nps_like_nnunet(
+    model: Model, unmirrored: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-npp / -nps set nnU-Net's worker processes: 2 of each segment as 1 does; 0 is refused before any work."""
+    out = tmp_path / "two_workers"
+    code, err = _run_cli(capsys, "-i", model.inputs, "-o", out, "-m", model.model_dir, *FAST, "--no-mirroring",
+                         "-npp", "2", "-nps", "2")  # fmt: skip
+    assert code == 0, err
+    for case in CASES:
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz"))),
+            sitk.GetArrayFromImage(sitk.ReadImage(str(unmirrored / f"{case}.nii.gz"))),
+        )
+    code, err = _run_cli(capsys, "-i", model.inputs, "-o", tmp_path / "none", "-m", model.model_dir, *FAST, "-nps", "0")
+    assert code == 2 and "-nps 0: needs at least 1 worker process" in err
+    assert not (tmp_path / "none").exists()
+
+
 def test_damaged_weights_are_refused_by_predict(
     model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -130,6 +130,20 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write softmax .npz + .pkl (nnU-Net's)",
     )
+    p.add_argument(
+        "-npp",
+        "--preprocessing-workers",
+        dest="preprocessing_workers",
+        type=int,
+        help="processes that read and preprocess the images (nnU-Net's -npp; default 1 on CPU, up to 3 on a GPU)",
+    )
+    p.add_argument(
+        "-nps",
+        "--export-workers",
+        dest="export_workers",
+        type=int,
+        help="processes that resample and write the segmentations (nnU-Net's -nps; default 1 on CPU, up to 3 on a GPU)",
+    )
     existing = p.add_mutually_exclusive_group()
     existing.add_argument(
         "--continue_prediction",
@@ -163,6 +177,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         step_size=args.step_size,
         save_probabilities=args.save_probabilities,
         existing="continue" if args.continue_prediction else "overwrite" if args.overwrite else "refuse",
+        preprocessing_workers=args.preprocessing_workers,
+        export_workers=args.export_workers,
     )
     print(f"Wrote {len(written)} segmentations to {args.output} (model {model_dir})")
     return 0

@@ -105,6 +105,8 @@ def predict_folder(
     save_probabilities: bool = False,
     existing: Existing = "overwrite",
     progress: bool = True,
+    preprocessing_workers: int | None = None,
+    export_workers: int | None = None,
 ) -> list[Path]:
     """Segment the cases of ``input_dir`` into ``output_dir`` (CASE<ending>); returns the files written now.
 
@@ -114,10 +116,14 @@ def predict_folder(
     cheaply (model folder, checkpoints, inputs, output folder) is checked before the checkpoints are loaded; input
     images are checked like training images (headers, truncation, NaN/inf). With ``progress``, one line per case
     with elapsed time and ETA goes to stderr, and nnU-Net's own per-case chatter on stdout is held back (printed to
-    stderr only if the prediction fails). On CPU, 1 preprocessing and 1 export worker.
+    stderr only if the prediction fails). ``preprocessing_workers`` / ``export_workers`` (nnU-Net's -npp / -nps):
+    by default 1 each on CPU (more only compete with the network for the cores), up to 3 on a GPU.
     """
     if existing not in EXISTING:
         raise PredictionError(f"existing={existing!r}: choose one of {', '.join(EXISTING)}")
+    for flag, workers in (("-npp", preprocessing_workers), ("-nps", export_workers)):
+        if workers is not None and workers < 1:
+            raise PredictionError(f"{flag} {workers}: needs at least 1 worker process")
     input_dir, output_dir, model_dir = Path(input_dir), Path(output_dir), Path(model_dir)
     _, dataset_json = read_model_folder(model_dir)
     checkpoint_files(model_dir, folds, checkpoint)
@@ -174,7 +180,7 @@ def predict_folder(
             bar.note(f"all {len(todo)} case(s) predicted; waiting for nnU-Net's export to write the last ones")
 
     predictor.case_observer = observe  # type: ignore[attr-defined]
-    workers = 1 if predictor.device.type == "cpu" else max(1, min(3, os.cpu_count() or 1))
+    default_workers = 1 if predictor.device.type == "cpu" else max(1, min(3, os.cpu_count() or 1))
     started = time.monotonic()
     try:
         with held_back():
@@ -183,8 +189,8 @@ def predict_folder(
                 [str(output_dir / case) for case in todo],
                 save_probabilities=save_probabilities,
                 overwrite=True,  # the cases were chosen above
-                num_processes_preprocessing=workers,
-                num_processes_segmentation_export=workers,
+                num_processes_preprocessing=preprocessing_workers or default_workers,
+                num_processes_segmentation_export=export_workers or default_workers,
             )
     except BaseException:
         sys.stderr.write(chatter.getvalue())

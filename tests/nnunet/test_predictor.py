@@ -23,6 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import overwrite_tensor_bytes
+from model_trees import run_nnunet
 from nnfiltermatch.cli import main
 from nnfiltermatch.commands import predict
 from nnfiltermatch.commands.predict import CaseProgress, predict_folder
@@ -171,6 +172,14 @@ def test_probabilities_are_softmax_of_the_segmentation(model: Model, unmirrored:
         assert (probabilities >= 0).all()
         assert np.array_equal(probabilities.argmax(axis=0), seg)
         assert (unmirrored / f"{case}.pkl").is_file()
+
+
+def test_nnunet_ensemble_reads_our_probabilities(unmirrored: Path, tmp_path: Path) -> None:
+    """nnU-Net's own ``nnUNetv2_ensemble`` on ``predict --save-probabilities`` folders (the model with itself)."""
+    out = tmp_path / "ensemble"
+    run_nnunet("nnUNetv2_ensemble", ["-i", str(unmirrored), str(unmirrored), "-o", str(out), "-np", "1"], {})
+    for case in CASES:
+        np.testing.assert_array_equal(_array(out / f"{case}.nii.gz"), _array(unmirrored / f"{case}.nii.gz"))
 
 
 def test_mirroring_switch_and_axes_from_checkpoint(model: Model) -> None:

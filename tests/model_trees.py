@@ -17,10 +17,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
+import nnfiltermatch.nnunet
 from conftest import CONFIG, DATASET, LABELED
+from nnfiltermatch.commands.predict import predict_folder
 from nnfiltermatch.data.inventory import build_inventory
 from nnfiltermatch.data.layout import MANIFEST_NAME
 from nnfiltermatch.data.manifest import inputs_digest
@@ -120,6 +124,38 @@ def run_nnunet(command: str, args: list[str], env: dict[str, str]) -> subprocess
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+EXT_TRAINER = os.path.dirname(nnfiltermatch.nnunet.__file__)  # nnUNet_extTrainer: the README's setting
+
+
+def image_array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def nnunet_predict_as_ours(
+    model_dir: Path, inputs: Path, root: Path, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``nnUNetv2_predict`` on our model folder (trainer, plans and configuration from its name; no TTA, step 1.0,
+    one worker each) into ``root/nnunet_predictions``, and ``nnfiltermatch predict`` of the same model into
+    ``root/our_predictions``: asserts every segmentation is the same, voxel for voxel. Returns nnU-Net's run and
+    its folder."""
+    trainer, plans, configuration = model_dir.name.split("__")
+    theirs, ours = root / "nnunet_predictions", root / "our_predictions"
+    args = ["-i", str(inputs), "-o", str(theirs), "-d", model_dir.parent.name, "-c", configuration, "-f", "all"]
+    args += ["-p", plans, "-tr", trainer, "-npp", "1", "-nps", "1", "--disable_tta", "-step_size", "1.0"]
+    done = run_nnunet("nnUNetv2_predict", [*args, "-device", "cpu"], {**env, "nnUNet_extTrainer": EXT_TRAINER})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        predict_folder(inputs, ours, model_dir, device="cpu", mirroring=False, step_size=1.0, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    cases = sorted(p.name for p in ours.glob("*.nii.gz"))
+    assert cases and cases == sorted(p.name for p in theirs.glob("*.nii.gz"))
+    for case in cases:
+        np.testing.assert_array_equal(image_array(theirs / case), image_array(ours / case))
+    return done, theirs
 
 
 def train_tiny_model(prepared: Path, root: Path, n_unlabeled: int = N_UNLABELED) -> tuple[Path, list[str]]:

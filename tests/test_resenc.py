@@ -10,21 +10,16 @@ touched.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
-import nnfiltermatch.nnunet
 from conftest import CONFIG, DATASET, LABELED, SUBSET
-from model_trees import nnunet_env, run_cli_subprocess, run_nnunet, skip_without_torchvision
+from model_trees import nnunet_env, nnunet_predict_as_ours, run_cli_subprocess, skip_without_torchvision
 from nnfiltermatch.cli import build_parser, main
-from nnfiltermatch.commands.predict import predict_folder
 from nnfiltermatch.data.layout import MANIFEST_NAME
 from nnfiltermatch.data.planners import PLANNERS, planner_plans_name, resolve_planner
 from nnfiltermatch.errors import PreparationError
@@ -184,19 +179,6 @@ def test_nnunet_predict_on_our_resenc_model(resenc: ResEncModel, tmp_path: Path)
     skip_without_torchvision()
     images = tmp_path / "images"
     _copy_images(resenc.root, resenc.unlabeled[:2], images)
-    env = {**resenc.env, "nnUNet_extTrainer": os.path.dirname(nnfiltermatch.nnunet.__file__)}  # the README's setting
-    theirs, ours = tmp_path / "nnunet_predictions", tmp_path / "our_predictions"
-    args = ["-i", str(images), "-o", str(theirs), "-d", DATASET, "-c", CONFIG, "-f", "all", "-p", PLANS]
-    args += ["-tr", "nnFilterMatchTrainer", "-npp", "1", "-nps", "1", "--disable_tta", "-step_size", "1.0"]
-    done = run_nnunet("nnUNetv2_predict", [*args, "-device", "cpu"], env)
+    done, out = nnunet_predict_as_ours(resenc.model_dir, images, tmp_path, resenc.env)
     assert "Using trainer 'nnFilterMatchTrainer'" in done.stdout, done.stdout[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        predict_folder(images, ours, resenc.model_dir, device="cpu", mirroring=False, step_size=1.0, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    for case in resenc.unlabeled[:2]:
-        theirs_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(theirs / f"{case}.nii.gz")))
-        ours_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(ours / f"{case}.nii.gz")))
-        np.testing.assert_array_equal(theirs_seg, ours_seg)
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{c}.nii.gz" for c in resenc.unlabeled[:2]]

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import overwrite_tensor_bytes
-from model_trees import run_nnunet
+from model_trees import image_array, run_nnunet
 from nnfiltermatch.cli import main
 from nnfiltermatch.commands import predict
 from nnfiltermatch.commands.predict import CaseProgress, predict_folder
@@ -99,10 +99,6 @@ def unmirrored(model: Model) -> Path:
     return out
 
 
-def _array(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
 def _final(model: Model) -> dict:
     return load_checkpoint_safely(model.model_dir / "fold_all" / "checkpoint_final.pth")
 
@@ -166,7 +162,7 @@ def test_cli_writes_nnunet_names_with_input_geometry(model: Model, capsys: pytes
 def test_probabilities_are_softmax_of_the_segmentation(model: Model, unmirrored: Path) -> None:
     for case in CASES:
         probabilities = np.load(unmirrored / f"{case}.npz")["probabilities"]
-        seg = _array(unmirrored / f"{case}.nii.gz")
+        seg = image_array(unmirrored / f"{case}.nii.gz")
         assert probabilities.shape == (3, *seg.shape)
         assert np.allclose(probabilities.sum(axis=0), 1.0, atol=1e-3)
         assert (probabilities >= 0).all()
@@ -179,7 +175,7 @@ def test_nnunet_ensemble_reads_our_probabilities(unmirrored: Path, tmp_path: Pat
     out = tmp_path / "ensemble"
     run_nnunet("nnUNetv2_ensemble", ["-i", str(unmirrored), str(unmirrored), "-o", str(out), "-np", "1"], {})
     for case in CASES:
-        np.testing.assert_array_equal(_array(out / f"{case}.nii.gz"), _array(unmirrored / f"{case}.nii.gz"))
+        np.testing.assert_array_equal(image_array(out / f"{case}.nii.gz"), image_array(unmirrored / f"{case}.nii.gz"))
 
 
 def test_mirroring_switch_and_axes_from_checkpoint(model: Model) -> None:
@@ -207,8 +203,8 @@ def test_checkpoint_best_or_final(model: Model, unmirrored: Path, capsys: pytest
         capsys, "-i", model.inputs, "-o", out, "-m", folder, "--checkpoint", "best", "--no-mirroring", *FAST
     )
     assert code == 0, err
-    assert (_array(out / f"{CASES[0]}.nii.gz") == 2).all()
-    assert not (_array(unmirrored / f"{CASES[0]}.nii.gz") == 2).all()  # the final weights: not the forced ones
+    assert (image_array(out / f"{CASES[0]}.nii.gz") == 2).all()
+    assert not (image_array(unmirrored / f"{CASES[0]}.nii.gz") == 2).all()  # the final weights: not the forced ones
     loaded = load_predictor(folder, None, checkpoint="final", device="cpu").list_of_parameters[0]
     assert all(torch.equal(loaded[k], v) for k, v in final["network_weights"].items())
 
@@ -230,7 +226,7 @@ def test_plain_nnunet_model_folder(model: Model, unmirrored: Path) -> None:
     shutil.copy(model.inputs / f"{CASES[0]}_0000.nii.gz", single)
     written = predict_folder(single, model.root / "plain_out", folder, device="cpu", mirroring=False, step_size=1.0)
     assert [p.name for p in written] == [f"{CASES[0]}.nii.gz"]
-    assert np.array_equal(_array(written[0]), _array(unmirrored / f"{CASES[0]}.nii.gz"))
+    assert np.array_equal(image_array(written[0]), image_array(unmirrored / f"{CASES[0]}.nii.gz"))
 
 
 def test_folds_found_and_ensembled(model: Model) -> None:
@@ -410,10 +406,7 @@ def test_worker_counts_npp_nps_like_nnunet(
                          "-npp", "2", "-nps", "2")  # fmt: skip
     assert code == 0, err
     for case in CASES:
-        np.testing.assert_array_equal(
-            sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz"))),
-            sitk.GetArrayFromImage(sitk.ReadImage(str(unmirrored / f"{case}.nii.gz"))),
-        )
+        np.testing.assert_array_equal(image_array(out / f"{case}.nii.gz"), image_array(unmirrored / f"{case}.nii.gz"))
     code, err = _run_cli(capsys, "-i", model.inputs, "-o", tmp_path / "none", "-m", model.model_dir, *FAST, "-nps", "0")
     assert code == 2 and "-nps 0: needs at least 1 worker process" in err
     assert not (tmp_path / "none").exists()
@@ -576,7 +569,7 @@ def test_continue_prediction_keeps_complete_outputs(
     code, err = _run_cli(capsys, *args)
     assert code == 0, err
     first, second = (out / f"{case}.nii.gz" for case in CASES)
-    reference = _array(second)
+    reference = image_array(second)
     kept_bytes = first.read_bytes()
     os.utime(first, ns=(10**18, 10**18))
     second.unlink()
@@ -585,7 +578,7 @@ def test_continue_prediction_keeps_complete_outputs(
     code, err = _run_cli(capsys, *args, "--continue_prediction")
     assert code == 0, err
     assert first.stat().st_mtime_ns == 10**18 and first.read_bytes() == kept_bytes  # untouched
-    assert np.array_equal(_array(second), reference)
+    assert np.array_equal(image_array(second), reference)
     assert f"1 of 2 case(s) already complete in {out}, kept; 1 to predict" in err
     assert f"predict: 1/1 {CASES[1]} predicted in" in err and CASES[0] not in err
     assert not list(out.glob(f"{PARTIAL_PREFIX}*"))
@@ -594,7 +587,7 @@ def test_continue_prediction_keeps_complete_outputs(
     code, err = _run_cli(capsys, *args, "--continue-prediction")
     assert code == 0, err
     assert f"{CASES[1]}: {second.name} is unreadable or truncated, predicting it again" in err
-    assert np.array_equal(_array(second), reference) and first.stat().st_mtime_ns == 10**18
+    assert np.array_equal(image_array(second), reference) and first.stat().st_mtime_ns == 10**18
 
     code, err = _run_cli(capsys, *args, "--continue_prediction")
     assert code == 0 and "2 of 2 case(s) already complete" in err and "0 to predict" in err

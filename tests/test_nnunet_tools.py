@@ -8,6 +8,9 @@ found through ``nnUNet_extTrainer`` as the README says, and score them against t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CONFIG, DATASET, SUBSET
+from conftest import CONFIG, DATASET, LABELED, SUBSET
 from model_trees import (
     EXT_TRAINER,
     image_array,
@@ -87,3 +90,51 @@ def test_nnunet_predict_and_evaluate_folder_on_our_model(model: Model) -> None:
     for label in ("1", "2"):
         assert 0.0 <= result["mean"][label]["Dice"] <= 1.0
     assert 0.0 <= result["foreground_mean"]["Dice"] <= 1.0
+
+
+def test_nnunet_find_best_configuration_on_our_fold_model(prepared: Path, tmp_path: Path) -> None:
+    """nnUNetv2_find_best_configuration on a fold trained by us with --npz: it accumulates our fold's validation,
+    scores it, picks our trainer and writes nnU-Net's inference instructions for it. Needs no torchvision (it
+    looks up no trainer class), so this runs in every venv."""
+    small_prepared_tree(prepared, tmp_path, n_unlabeled=2)
+    env = nnunet_env(tmp_path)
+    pre = tmp_path / "preprocessed" / DATASET
+    args = ["train", "-d", "901", "-c", CONFIG, "-f", "0", "--mode", "supervised", "--device", "cpu", "--npz"]
+    # 4 labelled cases are too few for nnU-Net's 5-fold split: refused, unless the user's own folds are there
+    splits_file = pre / "splits_final.json"
+    refused = _train_refused(args, env)
+    assert "5-fold split needs at least 5 labelled cases" in refused and str(splits_file) in refused
+    splits_file.write_text('{"train": []}')
+    assert f"{splits_file}: not a list of" in _train_refused(args, env)
+    folds = [LABELED[:2], LABELED[2:]]  # two folds of two, as nnU-Net writes its own
+    splits_file.write_text(json.dumps([{"train": folds[1 - k], "val": folds[k]} for k in (0, 1)]))
+    assert f"-f 2: {splits_file} has 2 fold(s), 0-1" in _train_refused([*args[:6], "2", *args[7:]], env)
+    run_cli_subprocess([*args, "--epochs", "1", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1"], env)
+    trainer = "nnFilterMatchTrainer_supervised"
+    model_dir = tmp_path / "results" / DATASET / f"{trainer}__nnUNetPlans__{CONFIG}"
+    assert sorted(p.stem for p in (model_dir / "fold_0" / "validation").glob("*.npz")) == folds[0]
+
+    best = ["901", "-c", CONFIG, "-tr", trainer, "-p", "nnUNetPlans", "-f", "0", "-np", "1", "--disable_ensembling"]
+    done = run_nnunet("nnUNetv2_find_best_configuration", best, env)
+    assert f"*Best*: {trainer}__nnUNetPlans__{CONFIG}" in done.stdout, done.stdout[-3000:]
+    merged = model_dir / "crossval_results_folds_0"
+    summary = json.loads((merged / "summary.json").read_text())
+    assert sorted(Path(c["prediction_file"]).name for c in summary["metric_per_case"]) == [
+        f"{case}.nii.gz" for case in folds[0]
+    ]
+    own = json.loads((model_dir / "fold_0" / "validation" / "summary.json").read_text())
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(own["foreground_mean"]["Dice"])
+    information = json.loads((tmp_path / "results" / DATASET / "inference_information.json").read_text())
+    chosen = information["best_model_or_ensemble"]["selected_model_or_models"]
+    assert chosen == [{"configuration": CONFIG, "trainer": trainer, "plans_identifier": "nnUNetPlans"}]
+    instructions = (tmp_path / "results" / DATASET / "inference_instructions.txt").read_text()
+    assert f"nnUNetv2_predict -d {DATASET} -i INPUT_FOLDER -o OUTPUT_FOLDER -f  0 -tr {trainer}" in instructions
+
+
+def _train_refused(args: list[str], env: dict[str, str]) -> str:
+    """stderr of a `train` refused with exit status 2 before anything is built."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nnfiltermatch.cli", *args], env={**os.environ, **env}, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and not (Path(env["nnUNet_results"]) / DATASET).exists(), done.stderr[-3000:]
+    return " ".join(done.stderr.split())

@@ -367,11 +367,8 @@ def _train(
                 f"{configuration}` first"
             )
     require_unlabeled(prepared, config, dataset_name)
-    if fold != "all" and len(prepared.labeled_ids) < 5:
-        raise PreparationError(
-            f"-f {fold}: nnU-Net's 5-fold split needs at least 5 labelled cases, {dataset_name} has "
-            f"{len(prepared.labeled_ids)}; train with -f all (all labelled cases for training)"
-        )
+    if fold != "all":
+        _check_fold(fold, dataset_name, len(prepared.labeled_ids))
     if config.labeled_fraction is None:
         config.labeled_fraction = prepared.labeled_fraction
     record_labelled_cases(config, prepared)
@@ -380,6 +377,31 @@ def _train(
     )
     with model_folder_lock([out], f"train --mode {config.mode}"):  # the checks below and the training, as one
         return _train_into(out, dataset_name, configuration, fold, config, run)
+
+
+def _check_fold(fold: int, dataset_name: str, n_labeled: int) -> None:
+    """A fold nnU-Net can train: in the dataset's own splits_final.json (which nnU-Net reads as it is), or, where
+    there is none, one of the 5 nnU-Net would write, which needs 5 labelled cases."""
+    splits_file = preprocessed_root(dataset_name) / "splits_final.json"
+    if splits_file.is_file():
+        try:
+            splits = json.loads(splits_file.read_text())
+            folds = splits if isinstance(splits, list) else [None]
+            usable = bool(folds) and all(isinstance(f, dict) and {"train", "val"} <= f.keys() for f in folds)
+        except json.JSONDecodeError:
+            usable = False
+        if not usable:
+            raise PreparationError(
+                f"{splits_file}: not a list of {{'train': [...], 'val': [...]}} folds as nnU-Net writes it; fix or "
+                "delete it (nnU-Net then writes a 5-fold split)"
+            )
+        if fold >= len(splits):
+            raise PreparationError(f"-f {fold}: {splits_file} has {len(splits)} fold(s), 0-{len(splits) - 1}")
+    elif n_labeled < 5:
+        raise PreparationError(
+            f"-f {fold}: nnU-Net's 5-fold split needs at least 5 labelled cases, {dataset_name} has {n_labeled}; "
+            f"train with -f all (all labelled cases for training), or write your own folds to {splits_file}"
+        )
 
 
 def _train_into(

@@ -83,7 +83,8 @@ def small_prepared_tree(prepared: Path, root: Path, n_unlabeled: int, to_unlabel
     return keep
 
 
-def run_cli_subprocess(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_cli_subprocess(args: list[str], env: dict[str, str], returncode: int = 0) -> subprocess.CompletedProcess[str]:
+    """`nnfiltermatch ARGS` in a subprocess with ENV added; it must exit with RETURNCODE."""
     done = subprocess.run(
         [sys.executable, "-m", "nnfiltermatch.cli", *args],
         env={**os.environ, **env},
@@ -91,7 +92,7 @@ def run_cli_subprocess(args: list[str], env: dict[str, str]) -> subprocess.Compl
         text=True,
         timeout=600,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == returncode, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 

@@ -8,9 +8,6 @@ found through ``nnUNet_extTrainer`` as the README says, and score them against t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +130,6 @@ def test_nnunet_find_best_configuration_on_our_fold_model(prepared: Path, tmp_pa
 
 def _train_refused(args: list[str], env: dict[str, str]) -> str:
     """stderr of a `train` refused with exit status 2 before anything is built."""
-    done = subprocess.run(
-        [sys.executable, "-m", "nnfiltermatch.cli", *args], env={**os.environ, **env}, capture_output=True, text=True
-    )
-    assert done.returncode == 2 and not (Path(env["nnUNet_results"]) / DATASET).exists(), done.stderr[-3000:]
+    done = run_cli_subprocess(args, env, returncode=2)
+    assert not (Path(env["nnUNet_results"]) / DATASET).exists()
     return " ".join(done.stderr.split())

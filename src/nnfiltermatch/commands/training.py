@@ -386,11 +386,9 @@ def _check_fold(fold: int, dataset_name: str, n_labeled: int) -> None:
     if splits_file.is_file():
         try:
             splits = json.loads(splits_file.read_text())
-            folds = splits if isinstance(splits, list) else [None]
-            usable = bool(folds) and all(isinstance(f, dict) and {"train", "val"} <= f.keys() for f in folds)
         except json.JSONDecodeError:
-            usable = False
-        if not usable:
+            splits = None
+        if not _is_nnunet_splits(splits):
             raise PreparationError(
                 f"{splits_file}: not a list of {{'train': [...], 'val': [...]}} folds as nnU-Net writes it; fix or "
                 "delete it (nnU-Net then writes a 5-fold split)"
@@ -402,6 +400,15 @@ def _check_fold(fold: int, dataset_name: str, n_labeled: int) -> None:
             f"-f {fold}: nnU-Net's 5-fold split needs at least 5 labelled cases, {dataset_name} has {n_labeled}; "
             f"train with -f all (all labelled cases for training), or write your own folds to {splits_file}"
         )
+
+
+def _is_nnunet_splits(splits: object) -> bool:
+    """nnU-Net's splits_final.json: a non-empty list of {"train": [...], "val": [...]} folds."""
+    return (
+        isinstance(splits, list)
+        and len(splits) > 0
+        and all(isinstance(fold, dict) and {"train", "val"} <= fold.keys() for fold in splits)
+    )
 
 
 def _train_into(
